@@ -1,0 +1,1 @@
+"""Prefect flows. They only compose DVC stages; no ML code lives here."""

@@ -1,0 +1,33 @@
+"""What every `python -m stages.<name>` entry point shares: logging and clean failures.
+
+A known failure (bad params, a missing weight file, exhausted NaN rollbacks) prints one clear message
+and exits 2 with no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on; its message says what happened and what to do."""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    from stagewise.config import ParamsError
+
+    parser.add_argument("--params", default="params.yaml", help="params file to read this stage's section from (default: %(default)s)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        main(args)
+    except (ParamsError, StageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,154 @@
+"""Ingest: domain folders -> manifest, one row per candidate file, each kept or rejected with a reason.
+
+Incremental twice over: a file whose (path, size, mtime) matches the previous manifest is not even
+re-hashed, and decode results are memoised by content hash, so a renamed or copied image is not
+decoded again. Input folders are only ever read.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+import pandas as pd
+from pydantic import Field
+from tqdm import tqdm
+
+from stagewise.config import Section, fingerprint
+from stagewise.images import IMAGE_SUFFIXES, ImageError, probe, read_file
+from stagewise.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+DECODER_VERSION = 1  # bump when decode() changes what it accepts, to invalidate memoised probes
+
+MANIFEST_COLUMNS = ["path", "domain", "sha256", "width", "height", "format", "mode", "size_bytes", "mtime_ns", "status", "reason"]
+
+
+class IngestConfig(Section):
+    min_side_px: int = Field(64, ge=1, description="shorter side below this is rejected as too small")
+    # 8192 x 8192: larger photos are rare in face sets and decoding one costs ~200 MB of memory.
+    max_pixels: int = Field(8192 * 8192, ge=1)
+    max_file_mb: float = Field(256.0, gt=0, description="files above this are rejected without being read")
+    workers: int = Field(4, ge=1, description="threads that hash and decode; PIL and hashlib release the GIL")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    domain: str
+    path: str  # as found under the domain folder given on the command line
+
+
+def scan(domains: dict[str, Path]) -> Iterator[Candidate]:
+    """Every file with an image suffix under each domain folder, sorted, symlinked folders not followed."""
+    for domain, root in domains.items():
+        if not root.is_dir():
+            raise FileNotFoundError(f"domain {domain!r}: folder {root} does not exist")
+        found = []
+        for folder, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
+            dirnames.sort()
+            found += [os.path.join(folder, name) for name in filenames if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        for path in sorted(found):
+            yield Candidate(domain, path)
+
+
+def _examine(cand: Candidate, previous: dict[str, dict], cfg: IngestConfig) -> tuple[dict, bytes | None]:
+    """Stat and (when new or changed) read and hash one file. Returns the row so far and the bytes read."""
+    row = {"path": cand.path, "domain": cand.domain, "sha256": "", "size_bytes": -1, "mtime_ns": -1}
+    try:
+        cand.path.encode("utf-8")
+    except UnicodeEncodeError:
+        row["path"] = cand.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return {**row, "error": "bad file name: not valid UTF-8, rename the file"}, None
+    try:
+        st = os.stat(cand.path)
+    except OSError as exc:
+        reason = "unreadable: symlink loop" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror}"
+        return {**row, "error": reason}, None
+    row.update(size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+    if st.st_size > cfg.max_file_mb * 2**20:
+        return {**row, "error": f"too large: {st.st_size / 2**20:.0f} MB file > max_file_mb {cfg.max_file_mb:g}"}, None
+    old = previous.get(cand.path)
+    if old is not None and old["size_bytes"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns and old["sha256"]:
+        return {**row, "sha256": old["sha256"]}, None
+    try:
+        data = read_file(cand.path)
+    except ImageError as exc:
+        return {**row, "error": str(exc)}, None
+    return {**row, "sha256": sha256(data).hexdigest()}, data
+
+
+def ingest(domains: dict[str, Path], cfg: IngestConfig, store_dir: Path, previous_manifest: Path | None = None) -> tuple[pd.DataFrame, int]:
+    """Build the manifest. Returns it and the number of files that had to be decoded."""
+    previous = {}
+    if previous_manifest is not None and previous_manifest.exists():
+        previous = {r["path"]: r for r in pd.read_parquet(previous_manifest).to_dict("records")}
+    candidates = list(scan(domains))
+    store = ResultStore(store_dir, fingerprint("ingest", DECODER_VERSION, cfg.max_pixels))
+    memo = store.lookup()
+    claimed, claim_lock = set(memo), threading.Lock()  # each new content hash is decoded once, even when duplicated
+
+    def work(cand: Candidate) -> dict:
+        row, data = _examine(cand, previous, cfg)
+        if "error" in row:
+            return row
+        with claim_lock:
+            if row["sha256"] in claimed:
+                return row
+            claimed.add(row["sha256"])
+        if data is None:  # unchanged file whose decode result was not memoised (store deleted)
+            try:
+                data = read_file(cand.path)
+            except ImageError as exc:
+                return {**row, "error": str(exc)}
+        try:
+            info = probe(data, cfg.max_pixels)
+            result = {"error": None, "width": info.width, "height": info.height, "format": info.format, "mode": info.mode}
+        except ImageError as exc:
+            result = {"error": str(exc), "width": -1, "height": -1, "format": "", "mode": ""}
+        row["decoded"] = result
+        return row
+
+    rows, decoded = [], 0
+    with store, ThreadPoolExecutor(cfg.workers) as pool:
+        for row in tqdm(pool.map(work, candidates), total=len(candidates), desc="ingest", unit="img", mininterval=1.0):
+            if "decoded" in row:
+                result = row.pop("decoded")
+                store.add(row["sha256"], **result)
+                memo[row["sha256"]] = result
+                decoded += 1
+            rows.append(row)
+
+    first_seen: dict[str, str] = {}
+    out = []
+    for row in rows:
+        facts = memo.get(row["sha256"], {}) if "error" not in row else {}
+        error = row.pop("error", None) or facts.get("error")
+        row.update({k: facts.get(k, d) for k, d in (("width", -1), ("height", -1), ("format", ""), ("mode", ""))})
+        if error:
+            status, reason = "rejected", error
+        elif min(row["width"], row["height"]) < cfg.min_side_px:
+            status, reason = "rejected", f"too small: {row['width']}x{row['height']} px < min_side_px {cfg.min_side_px}"
+        elif row["sha256"] in first_seen:
+            status, reason = "rejected", f"duplicate: same content as {first_seen[row['sha256']]}"
+        else:
+            first_seen[row["sha256"]] = row["path"]
+            status, reason = "kept", ""
+        out.append({**row, "status": status, "reason": reason})
+    manifest = pd.DataFrame(out, columns=MANIFEST_COLUMNS)
+    return manifest.astype({"width": "int64", "height": "int64", "size_bytes": "int64", "mtime_ns": "int64"}), decoded
+
+
+def summarize(manifest: pd.DataFrame) -> str:
+    kept = int((manifest["status"] == "kept").sum())
+    lines = [f"{kept} kept, {len(manifest) - kept} rejected of {len(manifest)} files"]
+    for reason_kind, count in manifest.loc[manifest["status"] != "kept", "reason"].str.split(":").str[0].value_counts().items():
+        lines.append(f"  {count:6d}  {reason_kind}")
+    return "\n".join(lines)
