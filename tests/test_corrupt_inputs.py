@@ -1,0 +1,32 @@
+"""Malformed and unusual files mixed into good ones: every file kept or rejected with a reason, no crash."""
+
+import os
+
+from stagewise.curation.ingest import IngestConfig, ingest
+from stagewise.faults import expected_for, make_corpus, make_good
+
+
+def test_every_corrupt_kind_is_classified_and_good_images_kept(tmp_path):
+    folder = tmp_path / "in"
+    corpus = make_corpus(folder, seed=3, per_kind=2)
+    good = make_good(folder, 10)
+    manifest, _ = ingest({"a": folder}, IngestConfig(), tmp_path / "store")
+
+    assert len(manifest) == sum(map(len, corpus.values())) + len(good)
+    assert manifest["status"].isin(["kept", "rejected"]).all()
+    rejected = manifest[manifest.status == "rejected"]
+    assert (rejected["reason"].str.len() > 0).all()
+    status = dict(zip(manifest["path"], manifest["status"]))
+    assert all(status[str(p)] == "kept" for p in good)
+    for kind, paths in corpus.items():
+        want = expected_for(kind)
+        for path in paths:
+            key = str(path) if kind != "non_utf8_name" else os.fsencode(path).decode("utf-8", "backslashreplace")
+            assert key in status, f"{kind}: {path} missing from the manifest"
+            if want != "either":
+                assert status[key] == want, f"{kind}: {path} was {status[key]}, expected {want}"
+    reasons = dict(zip(manifest["path"], manifest["reason"]))
+    assert reasons[str(corpus["symlink_loop"][0])] == "unreadable: symlink loop"
+    assert reasons[str(corpus["bomb_header"][0])].startswith("too large: 40000x40000")
+    assert reasons[str(corpus["one_pixel"][0])].startswith("too small: 1x1")
+
