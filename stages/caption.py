@@ -1,0 +1,51 @@
+"""Build the curated dataset: images kept by ingest and by every filter, each with a caption.
+
+A sidecar `<stem>.txt` or `<stem>.caption` next to the image wins; otherwise the captioner named by
+`caption.captioner` (the `template` one fills `caption.template`). Captioner results are memoised by
+content hash in --store, so only new images are captioned.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from stagewise import cli
+from stagewise.config import load_section
+from stagewise.curation.caption import CaptionConfig, FilterError, caption_dataset, make_captioner
+from stagewise.io import write_parquet
+
+log = logging.getLogger("stages.caption")
+
+
+def read_input(path: str, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise cli.StageError(f"{what} not found: {path} (run the stage that writes it first)") from None
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = load_section("caption", CaptionConfig, args.params)
+    manifest = read_input(args.manifest, "manifest")
+    filters = {path: read_input(path, "filter output") for path in args.filter}
+    try:
+        dataset, counts = caption_dataset(manifest, filters, make_captioner(cfg), Path(args.store), cfg.batch_size, cfg.max_pixels)
+    except FilterError as exc:
+        raise cli.StageError(str(exc)) from None
+    write_parquet(args.out, dataset)
+    by_filter = ", ".join(f"{k.split(':', 1)[1]} dropped {v}" for k, v in counts.items() if k.startswith("dropped_by:")) or "no filters"
+    log.info(
+        "%d images in the dataset (%s); captions: %d sidecar, %d memoised, %d new from the %s captioner; %d unreadable dropped",
+        len(dataset), by_filter, counts["sidecar"], counts["memoised"], counts["captioned"], cfg.captioner, counts["unreadable"],
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="ingest's manifest Parquet")
+    parser.add_argument("--filter", action="append", default=[], metavar="PARQUET", help="a filter stage's output (path, sha256, status per image); repeat for each filter")
+    parser.add_argument("--out", required=True, help="dataset Parquet file to write")
+    parser.add_argument("--store", required=True, help="folder of memoised captioner results (safe to delete)")
+    cli.run(main, parser)
