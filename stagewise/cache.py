@@ -1,0 +1,342 @@
+"""The latent cache: every dataset image encoded at one resolution, kept up to date incrementally.
+
+The output folder is its own store (a DVC ``persist: true`` output). A row is keyed by the image's
+``sha256``, ``flipped``, and the ``fingerprint`` of what made the latent (codec id, resolution, crop and
+resize policy). A rerun
+
+- encodes only the keys that are missing (new images, or all of them after a codec change),
+- rewrites only the shards holding rows that are no longer wanted (image gone, stale fingerprint, flip
+  turned off) or whose caption / domain changed: captions never force a re-encode,
+- never writes a key twice: each key lives in exactly one shard, every shard write is an atomic
+  replace of one file, and new rows go to new shards or to the newest, partly filled shard (replaced
+  whole). A killed run leaves whole shards; running again continues where it stopped.
+
+Images are decoded by a thread pool while the previous batch encodes; the codec runs batched, in
+inference mode, channels-last, on the device ``pick_device`` chooses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, field_validator
+from tqdm import tqdm
+
+from stagewise.codecs import Codec
+from stagewise.config import Section, fingerprint
+from stagewise.images import ImageError, center_square, decode, read_file
+from stagewise.io import write_parquet
+from stagewise.latents import SCHEMA, SHARD_GLOB, ShardWriter, read_index, shard_number, to_bytes
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the file -> tensor path changes: every latent is then re-encoded
+RESIZE_POLICY = "center-square/lanczos/uint8"  # what center_square does; part of every row's fingerprint
+# Ingest already applied the user's max_pixels, and the sha256 is checked before decoding, so a file
+# swapped since cannot reach the decoder; this bound only keeps Pillow's own guard out of the way.
+MAX_PIXELS = 2**31
+DATASET_COLUMNS = ["path", "domain", "sha256", "caption"]
+METADATA = ["domain", "caption"]  # row columns that may change without re-encoding
+
+
+class CacheConfig(Section):
+    # The growth schedule: dvc.yaml makes one `cache@<res>` stage per entry (foreach).
+    resolutions: list[int] = Field(default_factory=lambda: [128, 256, 512], min_length=1)
+    # Also store each image's horizontal mirror, so training can flip (DFL's random_flip) without a
+    # codec in the loop; a TAEF2 latent of a mirrored image is not the mirror of its latent. Doubles encode time.
+    flip: bool = True
+    batch_size: int = Field(8, ge=1, description="rows per codec forward pass; 8 x 512 px needs about 1.5 GB in float32")
+    # Latent bytes per shard: 64 MB is ~256 rows at 512 px (taef2) or ~4000 at 128 px: few files to scan,
+    # and a kill loses at most one shard of work.
+    shard_mb: float = Field(64.0, gt=0)
+    workers: int = Field(4, ge=1, description="threads decoding the next batch while this one encodes (PIL releases the GIL)")
+    device: str = "auto"  # cuda, then mps, then cpu; the latents differ only by float rounding, so not a fingerprint part
+
+    @field_validator("resolutions")
+    @classmethod
+    def _distinct_positive(cls, value: list[int]) -> list[int]:
+        if any(r < 8 for r in value) or len(set(value)) != len(value):
+            raise ValueError("resolutions must be distinct sizes in pixels, each at least 8")
+        return value
+
+
+@dataclass
+class CacheResult:
+    """What one update did, in rows (an image has two rows when flips are stored)."""
+
+    encoded: int = 0
+    reused: int = 0
+    pruned: int = 0
+    relabelled: int = 0  # kept rows whose caption or domain was updated in place
+    images_encoded: int = 0
+    rewritten_shards: list[str] = field(default_factory=list)  # existing shards replaced or deleted
+    new_shards: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # path -> reason; retried on the next run
+
+    def summary(self) -> str:
+        text = (
+            f"encoded {self.encoded} rows ({self.images_encoded} images), reused {self.reused} rows, "
+            f"pruned {self.pruned}, relabelled {self.relabelled}; "
+            f"rewrote {len(self.rewritten_shards)} shard(s), wrote {len(self.new_shards)} new"
+        )
+        return text + (f"; {len(self.failed)} image(s) failed" if self.failed else "")
+
+
+def cache_fingerprint(codec: Codec, resolution: int) -> str:
+    return fingerprint("cache", CACHE_VERSION, codec.id, resolution, RESIZE_POLICY)
+
+
+def read_dataset(path: Path | str) -> pd.DataFrame:
+    """The curated dataset (caption stage output) with the columns the cache needs, validated."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; run the caption stage first (`dvc repro caption`)")
+    frame = pd.read_parquet(path)
+    missing = [c for c in DATASET_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected at least {', '.join(DATASET_COLUMNS)}")
+    return frame
+
+
+def wanted_rows(dataset: pd.DataFrame, flip: bool) -> pd.DataFrame:
+    """One row per key the cache should hold: (sha256, flipped) with its path, domain and caption."""
+    frame = dataset[DATASET_COLUMNS].copy()
+    frame["caption"] = frame["caption"].astype(object).where(frame["caption"].notna(), None)
+    dupes = frame["sha256"].duplicated()
+    if dupes.any():  # ingest rejects duplicates, so this is a hand-made dataset: keep the first of each
+        log.warning("dataset lists %d image(s) twice (same sha256); keeping the first row of each", int(dupes.sum()))
+        frame = frame[~dupes]
+    flips = [False, True] if flip else [False]
+    return pd.concat([frame.assign(flipped=f) for f in flips], ignore_index=True)
+
+
+@dataclass
+class Plan:
+    keep: pd.DataFrame  # index rows to keep, with their wanted domain/caption (may differ from stored)
+    dirty: dict[str, pd.DataFrame]  # shard name -> its rows to keep (possibly none); rewrite these
+    todo: pd.DataFrame  # wanted rows with no latent yet
+    relabelled: int  # kept rows whose caption or domain changes
+
+
+def plan_update(index: pd.DataFrame, wanted: pd.DataFrame, current_fp: str) -> Plan:
+    index = index.assign(position=index.groupby("shard").cumcount()) if len(index) else index.assign(position=[])
+    merged = index.merge(
+        wanted[["sha256", "flipped", *METADATA]].rename(columns={c: f"{c}_wanted" for c in METADATA}),
+        on=["sha256", "flipped"],
+        how="left",
+        indicator=True,
+    )
+    keep = (merged["fingerprint"] == current_fp) & (merged["_merge"] == "both")
+    second_copies = merged[keep].duplicated(["sha256", "flipped"])  # none unless a shard was copied in by hand
+    keep[second_copies[second_copies].index] = False
+    changed = pd.Series(False, index=merged.index)
+    for col in METADATA:
+        stored, new = merged[col].astype(object), merged[f"{col}_wanted"].astype(object)
+        changed |= ~((stored == new) | (stored.isna() & new.isna()))
+    changed &= keep
+    dirty_names = set(merged.loc[~keep | changed, "shard"])
+    kept = merged[keep]
+    dirty = {name: kept[kept["shard"] == name] for name in sorted(dirty_names)}
+    have = set(zip(kept["sha256"], kept["flipped"]))
+    todo_mask = [key not in have for key in zip(wanted["sha256"], wanted["flipped"])]
+    return Plan(keep=kept, dirty=dirty, todo=wanted[todo_mask].reset_index(drop=True), relabelled=int(changed.sum()))
+
+
+def _kept_rows(root: Path, shard: str, rows: pd.DataFrame) -> list[dict]:
+    """The full rows (latent bytes included) at ``rows.position`` of ``shard``, with wanted metadata."""
+    table = pq.read_table(root / shard).take(pa.array(rows["position"].to_numpy(), type=pa.int64()))
+    out = table.to_pylist()
+    for row, (domain, caption) in zip(out, zip(rows["domain_wanted"], rows["caption_wanted"])):
+        row["domain"], row["caption"] = domain, caption
+    return out
+
+
+def remove_partial_writes(root: Path) -> int:
+    """Delete temp files of shard writes that a kill interrupted (they would otherwise become DVC outputs)."""
+    leftovers = list(root.glob(".shard-*.parquet.tmp-*"))
+    for path in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return len(leftovers)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One image to decode and the flips of it to encode."""
+
+    path: str
+    sha256: str
+    domain: str
+    caption: str | None
+    flips: tuple[bool, ...]
+
+
+def load_unit(unit: Unit, resolution: int) -> list[np.ndarray] | str:
+    """The unit's crops as uint8 HWC arrays (one per flip), or the reason it could not be loaded."""
+    try:
+        data = read_file(unit.path)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != unit.sha256:
+            return f"changed since ingest: sha256 {digest[:12]} != {unit.sha256[:12]} (rerun ingest)"
+        img, _ = decode(data, MAX_PIXELS)
+    except ImageError as exc:
+        return str(exc)
+    pixels = np.asarray(center_square(img, resolution))
+    return [np.ascontiguousarray(pixels[:, ::-1]) if flipped else pixels for flipped in unit.flips]
+
+
+def prefetched(batches: Iterable[list[Unit]], load: Callable[[Unit], object], workers: int, ahead: int = 2) -> Iterator[tuple[list[Unit], list]]:
+    """Yield (batch, its loaded units) in order while the next ``ahead`` batches load in threads."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cache-decode")
+    pending: deque[tuple[list[Unit], list[Future]]] = deque()
+    try:
+        for batch in batches:
+            pending.append((batch, [pool.submit(load, u) for u in batch]))
+            if len(pending) > ahead:
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+    finally:  # also on an exception in the consumer: drop what has not started
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_units(todo: pd.DataFrame) -> list[Unit]:
+    units = []
+    for sha, group in todo.groupby("sha256", sort=False):
+        first = group.iloc[0]
+        units.append(Unit(first["path"], sha, first["domain"], first["caption"], tuple(sorted(group["flipped"]))))
+    return units
+
+
+def batched_units(units: list[Unit], rows_per_batch: int) -> Iterator[list[Unit]]:
+    batch, rows = [], 0
+    for unit in units:
+        batch.append(unit)
+        rows += len(unit.flips)
+        if rows >= rows_per_batch:
+            yield batch
+            batch, rows = [], 0
+    if batch:
+        yield batch
+
+
+def encode_batch(codec: Codec, arrays: list[np.ndarray], device: torch.device, batch_size: int) -> list[torch.Tensor]:
+    """uint8 HWC crops -> raw latents on the CPU, ``batch_size`` per forward pass."""
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        stacked = torch.from_numpy(np.stack(arrays[start : start + batch_size]))  # N, H, W, 3
+        rgb = stacked.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)  # NCHW view, channels-last strides
+        with torch.inference_mode():
+            latents = codec.encode(rgb.contiguous(memory_format=torch.channels_last))
+        out.extend(latents.float().cpu())
+    return out
+
+
+def update_cache(
+    dataset: pd.DataFrame,
+    root: Path | str,
+    resolution: int,
+    codec: Codec,
+    cfg: CacheConfig,
+    device: torch.device | str = "cpu",
+) -> CacheResult:
+    """Bring ``root`` in line with ``dataset`` at ``resolution``; see the module docstring."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    codec.latent_px(resolution)  # fails early, naming the codec factor, for a size it cannot encode
+    if removed := remove_partial_writes(root):
+        log.info("removed %d temp file(s) of an interrupted run", removed)
+    current_fp = cache_fingerprint(codec, resolution)
+    wanted = wanted_rows(dataset, cfg.flip)
+    index = read_index(root)
+    plan = plan_update(index, wanted, current_fp)
+    result = CacheResult(reused=len(plan.keep), pruned=len(index) - len(plan.keep), relabelled=plan.relabelled)
+    shard_bytes = int(cfg.shard_mb * 2**20)
+    writer = ShardWriter(root, shard_bytes)
+
+    # The newest shard, when partly full and there is work, is topped up by the writer instead of
+    # being rewritten on its own: incremental runs then do not leave a trail of tiny shards.
+    reopen = None
+    shards = sorted(root.glob(SHARD_GLOB), key=shard_number)
+    if len(plan.todo) and shards:
+        newest = shards[-1].name
+        rows = plan.dirty.get(newest, plan.keep[plan.keep["shard"] == newest])
+        if len(rows) and shards[-1].stat().st_size < shard_bytes:  # file size ~ latent bytes: float16 barely compresses
+            reopen = newest
+            writer.reopen(root / newest, _kept_rows(root, newest, rows))
+            result.rewritten_shards.append(newest)
+
+    for name, rows in plan.dirty.items():
+        if name == reopen:
+            continue
+        if len(rows):
+            write_parquet(root / name, pa.Table.from_pylist(_kept_rows(root, name, rows), schema=SCHEMA))
+        else:
+            (root / name).unlink()
+        result.rewritten_shards.append(name)
+
+    if len(plan.todo):
+        _encode_missing(plan.todo, root, resolution, codec, cfg, device, current_fp, writer, result)
+    result.new_shards = [p.name for p in writer.written if p.name != reopen]
+    return result
+
+
+def _encode_missing(
+    todo: pd.DataFrame,
+    root: Path,
+    resolution: int,
+    codec: Codec,
+    cfg: CacheConfig,
+    device: torch.device,
+    current_fp: str,
+    writer: ShardWriter,
+    result: CacheResult,
+) -> None:
+    units = make_units(todo)
+    progress = tqdm(total=len(todo), desc=f"cache@{resolution}", unit="row", mininterval=1.0)
+    batches = batched_units(units, cfg.batch_size)
+    with progress:
+        for batch, loaded in prefetched(batches, lambda u: load_unit(u, resolution), cfg.workers):
+            ok = [(u, arrays) for u, arrays in zip(batch, loaded) if not isinstance(arrays, str)]
+            for unit, reason in zip(batch, loaded):
+                if isinstance(reason, str):
+                    result.failed[unit.path] = reason
+                    log.warning("%s: skipped: %s", unit.path, reason)
+                    progress.update(len(unit.flips))
+            arrays = [a for _, group in ok for a in group]
+            if not arrays:
+                continue
+            latents = iter(encode_batch(codec, arrays, device, cfg.batch_size))
+            for unit, group in ok:
+                for flipped in unit.flips:
+                    latent = next(latents)
+                    writer.add(
+                        sha256=unit.sha256,
+                        domain=unit.domain,
+                        resolution=resolution,
+                        codec_id=codec.id,
+                        shape=list(latent.shape),
+                        latent=to_bytes(latent),
+                        flipped=flipped,
+                        caption=unit.caption,
+                        fingerprint=current_fp,
+                    )
+                result.images_encoded += 1
+                result.encoded += len(unit.flips)
+                progress.update(len(unit.flips))
+        writer.flush()
