@@ -2,7 +2,10 @@
 
 Detector boxes are memoised by content hash in --store, so changing `watermark.threshold` or
 `watermark.min_line_aspect` re-decides without running the detector, and new images are the only ones
-detected. Writes one row per kept image: status, reason, score and the raw numbers behind it.
+detected. With `watermark.clip` and/or `watermark.vlm` configured (a cascade; off by default), only images
+whose text score is uncertain (`band_low` <= score < `band_high`) go on to CLIP zero-shot and then to the
+VLM; their embeddings / answers are memoised in --clip-store / --vlm-store. Writes one row per kept image:
+status, reason (naming the step that decided), score and the raw numbers behind it.
 """
 
 import argparse
@@ -13,7 +16,7 @@ import pandas as pd
 
 from stagewise import cli
 from stagewise.config import load_section
-from stagewise.curation.watermark import WatermarkConfig, score_images, summarize
+from stagewise.curation.watermark import WatermarkConfig, run_cascade, summarize
 from stagewise.io import write_parquet
 
 log = logging.getLogger("stages.watermark")
@@ -26,11 +29,15 @@ def main(args: argparse.Namespace) -> None:
     except FileNotFoundError:
         raise cli.StageError(f"manifest not found: {args.manifest} (run the ingest stage first)") from None
     try:
-        frame, detected = score_images(manifest, cfg, Path(args.store))
+        frame, counts = run_cascade(
+            manifest, cfg, Path(args.store),
+            clip_store=args.clip_store and Path(args.clip_store), vlm_store=args.vlm_store and Path(args.vlm_store),
+        )
     except FileNotFoundError as exc:
         raise cli.StageError(str(exc)) from None
     write_parquet(args.out, frame)
-    log.info("ran the text detector on %d images (the rest were memoised)\n%s", detected, summarize(frame))
+    cascade = f"; {counts['uncertain']} uncertain, CLIP embedded {counts['clip_embedded']}, VLM asked about {counts['vlm_asked']}" if cfg.cascade_on else ""
+    log.info("ran the text detector on %d images (the rest were memoised)%s\n%s", counts["detected"], cascade, summarize(frame))
 
 
 if __name__ == "__main__":
@@ -38,4 +45,6 @@ if __name__ == "__main__":
     parser.add_argument("--manifest", required=True, help="ingest's manifest Parquet; only its `kept` rows are scored")
     parser.add_argument("--out", required=True, help="Parquet file to write (one row per kept image)")
     parser.add_argument("--store", required=True, help="folder of memoised detector boxes (safe to delete)")
+    parser.add_argument("--clip-store", help="folder of memoised CLIP embeddings, shared with near_dup (default: STORE/clip)")
+    parser.add_argument("--vlm-store", help="folder of memoised VLM answers, may be shared with vlm_filter (default: STORE/vlm)")
     cli.run(main, parser)

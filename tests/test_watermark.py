@@ -15,7 +15,7 @@ from stagewise.config import ParamsError, parse_section
 from stagewise.curation.ingest import IngestConfig, ingest
 from stagewise.curation.watermark import WatermarkConfig, bundled_model_path, detector_fingerprint, score_images
 
-REASON = re.compile(r"watermark: score \d\.\d{3} > threshold 0\.02 \(text detector\)")
+REASON = re.compile(rf"watermark: text detector score \d\.\d{{3}} > threshold {re.escape(format(WatermarkConfig().threshold, 'g'))}")
 
 
 @pytest.fixture(scope="module")
