@@ -3,7 +3,12 @@
 Where a caption comes from, first match wins:
 1. a sidecar next to the image, ``<stem>.txt`` then ``<stem>.caption`` (whitespace stripped; an empty
    sidecar falls through) — always re-read, so an edited sidecar changes the output;
-2. the configured captioner (``caption.captioner`` in params, looked up in ``CAPTIONERS``).
+2. the configured captioner (``caption.captioner`` in params, looked up in ``CAPTIONERS``): ``template``
+   fills ``caption.template``; ``transformers`` runs the image-to-text model ``caption.model``
+   (captioners.py). ``overwrite: true`` skips step 1.
+
+Prefix / suffix, tag shuffling and the ``caption_filter`` that selects a subset are applied afterwards to
+every caption, whatever its source (captioners.py ``finish_captions``).
 
 Captioner results are memoised by content hash + the captioner's fingerprint, so adding images captions
 only the new ones and switching the model back and forth reuses earlier captions. A captioner that also
@@ -14,19 +19,21 @@ and a memoised caption is reused only when that context is unchanged.
 from __future__ import annotations
 
 import logging
+import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
+from stagewise.hub import DType
 from stagewise.images import ImageError, load_rgb
 from stagewise.store import ResultStore
 
@@ -74,6 +81,11 @@ class Captioner(ABC):
         """What besides the pixels a caption depends on; a memoised caption is reused only when equal."""
         return ""
 
+    def prepare(self, image: Image.Image) -> Any:
+        """Per-image work run in the decoding threads, overlapping ``caption`` on the previous batch (a
+        model's resize and normalise); ``caption`` then gets what this returns. Must be thread-safe."""
+        return image
+
     @abstractmethod
     def caption(self, images: Sequence[Image.Image | None], refs: Sequence[ImageRef]) -> list[str]:
         """One caption per image, in order."""
@@ -110,12 +122,50 @@ def check_template(template: str) -> None:
         raise ValueError("the template makes empty captions")
 
 
+class CaptionFilter(Section):
+    """Keep only images whose caption (before prefix, suffix and shuffling) matches; exactly one of the two."""
+
+    regex: str | None = Field(None, description="searched in the caption, e.g. '^a woman'")
+    contains: list[str] | None = Field(None, min_length=1, description="keep when any of these appears in the caption")
+    ignore_case: bool = True
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "CaptionFilter":
+        if (self.regex is None) == (self.contains is None):
+            raise ValueError("give exactly one of regex or contains")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        return self
+
+
 class CaptionConfig(Section):
-    # A name in CAPTIONERS. Only the template ships now; a model captioner registers beside it.
+    # A name in CAPTIONERS: `template` (no model), `transformers` (the image-to-text model `model`).
     captioner: str = "template"
     template: str = "a photo of {domain}"  # placeholders {domain} and {stem}; the domain name is the subject's token
     batch_size: int = Field(16, ge=1, description="images per captioner call (model captioners batch on the accelerator)")
     max_pixels: int = Field(8192 * 8192, ge=1, description="decompression-bomb guard when decoding for a model; keep equal to ingest.max_pixels")
+    workers: int = Field(2, ge=1, description="threads decoding the next batches while the model captions this one")
+    overwrite: bool = False  # true: the captioner also replaces sidecar captions (sidecars are hand-written, so they win by default)
+    # captioner: transformers. BLIP (Salesforce/blip-image-captioning-*), vision-encoder-decoder
+    # (nlpconnect/vit-gpt2-image-captioning) or an image-text-to-text chat model (SmolVLM, Florence-2).
+    model: str | None = Field(None, description="hub id or a local folder made with save_pretrained")
+    revision: str | None = Field(None, description="hub branch, tag or commit; pin a commit for reproducible captions")
+    prompt: str = ""  # BLIP continues it ("a photography of"); chat models get it as the user's turn ("Describe this image.")
+    max_new_tokens: int = Field(40, ge=1, description="a BLIP caption is a short phrase; 40 leaves room for a chat model's sentence")
+    num_beams: int = Field(1, ge=1, description="1 = greedy, the fastest; beam search costs about num_beams x the decoder work")
+    device: str = "auto"  # cuda, then mps, then cpu
+    dtype: DType = "auto"  # bf16 (else fp16) on CUDA, fp32 on CPU
+    # Applied to every caption (sidecar too), after the caption_filter: a trigger word for the subject.
+    prefix: str = ""  # placeholders {domain} and {stem}, e.g. "photo of {domain}, "
+    suffix: str = ""
+    # Comma-separated tags in a deterministic per-image order (seeded by the image's sha256), so a tag's
+    # position carries no signal; the first keep_tags (e.g. the prefix's trigger word) stay in place.
+    shuffle_tags: bool = False
+    keep_tags: int = Field(0, ge=0)
+    caption_filter: CaptionFilter | None = None  # null keeps every image; else the dataset is the matching subset
 
     @field_validator("captioner")
     @classmethod
@@ -130,10 +180,30 @@ class CaptionConfig(Section):
         check_template(template)
         return template
 
+    @field_validator("prefix", "suffix")
+    @classmethod
+    def _valid_affix(cls, text: str) -> str:
+        if text.strip():
+            check_template(text)
+        return text
+
+    @model_validator(mode="after")
+    def _model_named(self) -> "CaptionConfig":
+        if self.captioner == "transformers" and not self.model:
+            raise ValueError("captioner transformers needs caption.model: a hub id or a local folder made with save_pretrained")
+        return self
+
+
+def _transformers_captioner(cfg: CaptionConfig) -> Captioner:
+    from stagewise.curation.captioners import ModelCaptioner  # imports this module: load on first use
+
+    return ModelCaptioner(cfg)
+
 
 # The factory point: a name in params -> a function building the captioner from the config.
 CAPTIONERS: dict[str, Callable[[CaptionConfig], Captioner]] = {
     "template": lambda cfg: TemplateCaptioner(cfg.template),
+    "transformers": _transformers_captioner,
 }
 
 
@@ -186,15 +256,24 @@ def select_kept(manifest: pd.DataFrame, filters: dict[str, pd.DataFrame]) -> tup
     return kept, dropped
 
 
+def _load_for_captioner(ref: ImageRef, max_pixels: int, captioner: Captioner) -> Any:
+    try:
+        return captioner.prepare(load_rgb(ref.path, max_pixels))
+    except ImageError as exc:
+        return exc
+
+
 def caption_dataset(
-    manifest: pd.DataFrame, filters: dict[str, pd.DataFrame], captioner: Captioner, store_dir: Path, batch_size: int = 16, max_pixels: int = 8192 * 8192
+    manifest: pd.DataFrame, filters: dict[str, pd.DataFrame], captioner: Captioner, store_dir: Path, batch_size: int = 16, max_pixels: int = 8192 * 8192,
+    workers: int = 2, overwrite: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The dataset frame and counts: ``captioned`` (images the captioner ran on), ``sidecar``,
-    ``memoised``, ``unreadable`` (dropped: could not be decoded for the captioner), ``dropped_by:<filter>``."""
+    ``memoised``, ``unreadable`` (dropped: could not be decoded for the captioner), ``dropped_by:<filter>``.
+    ``workers`` threads decode the next batches while the captioner works; ``overwrite`` ignores sidecars."""
     kept, dropped = select_kept(manifest, filters)
     refs = [ImageRef(r.path, r.domain, r.sha256) for r in kept.itertuples(index=False)]
     captions: dict[str, tuple[str, str]] = {}  # path -> (caption, source)
-    for ref in refs:
+    for ref in refs if not overwrite else ():
         text = read_sidecar(ref.path)
         if text is not None:
             captions[ref.path] = (text, "sidecar")
@@ -213,20 +292,24 @@ def caption_dataset(
     memoised = len(refs) - len(todo) - sum(source == "sidecar" for _, source in captions.values())
 
     unreadable: set[str] = set()
+    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    if captioner.needs_pixels:
+        from stagewise.cache import prefetched  # generic: loads the next batches in threads while one is consumed
+
+        loaded = prefetched(chunks, lambda ref: _load_for_captioner(ref, max_pixels, captioner), workers)
+    else:
+        loaded = ((chunk, [None] * len(chunk)) for chunk in chunks)
     with store, tqdm(total=len(todo), desc="caption", unit="img", mininterval=1.0, disable=not todo) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            batch: list[ImageRef] = chunk
-            images: list[Image.Image | None] = [None] * len(chunk)
-            if captioner.needs_pixels:
-                batch, images = [], []
-                for ref in chunk:
-                    try:
-                        images.append(load_rgb(ref.path, max_pixels))
-                        batch.append(ref)
-                    except ImageError as exc:
-                        log.warning("%s: dropped from the dataset, cannot be decoded for captioning: %s", ref.path, exc)
-                        unreadable.add(ref.path)
+        for chunk, results in loaded:
+            batch: list[ImageRef] = []
+            images: list[Image.Image | None] = []
+            for ref, result in zip(chunk, results):
+                if isinstance(result, ImageError):
+                    log.warning("%s: dropped from the dataset, cannot be decoded for captioning: %s", ref.path, result)
+                    unreadable.add(ref.path)
+                else:
+                    batch.append(ref)
+                    images.append(result)
             texts = captioner.caption(images, batch) if batch else []
             if len(texts) != len(batch):
                 raise RuntimeError(f"captioner {type(captioner).__name__} returned {len(texts)} captions for {len(batch)} images")
