@@ -38,3 +38,28 @@ test: install
 lock: install  ## re-pin requirements.lock to what is installed in .venv now
 	{ echo "# Exact versions the project is tested with (a pip constraints file). Regenerate with 'make lock'."; \
 	  $(VENV)/bin/python -m pip freeze --exclude-editable; } > requirements.lock
+
+# --- Orchestration: a local Prefect server + worker, and DVC's plots offline (README "Running with Prefect")
+PREFECT_PORT ?= 4200
+# Server database, logs and pid files of `make serve`; git-ignored, and the user's ~/.prefect stays untouched.
+PREFECT_LOCAL_HOME ?= .stagewise/prefect
+# The JavaScript inlined into plots/offline.html: the majors DVC's own template loads (vega-lite v5 specs).
+VEGA_PACKAGES := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+
+.PHONY: serve stop serve-status plots plots-template
+serve: install  ## start (or reuse) the Prefect server on 127.0.0.1, the `stagewise` pool, both deployments and a worker
+	python -m flows.local_server start --home $(PREFECT_LOCAL_HOME) --port $(PREFECT_PORT)
+
+stop:  ## stop the worker (two SIGTERMs: the first starts its shutdown) and then the server
+	python -m flows.local_server stop --home $(PREFECT_LOCAL_HOME)
+
+serve-status:
+	python -m flows.local_server status --home $(PREFECT_LOCAL_HOME) --port $(PREFECT_PORT)
+
+plots: install  ## loss curves of every training stage into dvc_plots/index.html; renders with no network
+	dvc plots show
+
+plots-template:  ## rebuild the committed plots/offline.html from the npm registry (needs npm)
+	rm -rf build/npm && mkdir -p build/npm
+	cd build/npm && npm pack --silent $(VEGA_PACKAGES)
+	$(PYTHON) plots/build_template.py --out plots/offline.html $(addprefix build/npm/,$(subst @,-,$(VEGA_PACKAGES:=.tgz)))

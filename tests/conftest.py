@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a pipeline copy needs: the DAG, params, and the code it lists as dependencies.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", "stages", "stagewise", "flows"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", "stages", "stagewise", "flows", "prefect.yaml", "plots"]
 
 
 def taef2_dir() -> Path | None:

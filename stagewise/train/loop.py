@@ -1,0 +1,426 @@
+"""One training stage: parent model in, ``runs/<stage>/`` out. To resume, run the same command again.
+
+The loop (``StageTrainer.run``) is edm2's: status -> snapshot -> checkpoint -> done -> step, with progress
+counted in images (both domains together). Everything it calls is a short method below:
+
+    setup     load the parent, grow it if the stage doubles the resolution, freeze, load the cache,
+              resume from the newest good backup of the same config (or save the ``start`` backup)
+    step      per domain a batch (flip), warp the *input* only, autocast forward, losses (+ GAN),
+              backward, unscale / clip, one optimizer step that a non-finite loss or gradient skips
+              on the device, LRD around it, EMA after it
+    status    the one place that syncs: losses -> history row, NaN-guard check (-> rollback)
+    finish    preview.png, metrics.json, history.tsv, model.safetensors + meta.json, events.jsonl
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from stagewise.cli import StageError
+from stagewise.codecs import CodecConfig, load_codec
+from stagewise.config import fingerprint
+from stagewise.device import pick_device
+from stagewise.io import sha256_file, write_json, write_text
+from stagewise.models.autoencoder import DOMAINS, grow
+from stagewise.train import checkpoint as ckpt
+from stagewise.train.data import StageData, mix_seed
+from stagewise.train.freeze import OLD, frozen_names
+from stagewise.train.gan import d_loss, frozen, g_loss
+from stagewise.train.guard import NanGuard, skip_if_not_finite
+from stagewise.train.losses import reconstruction_loss
+from stagewise.train.metrics import evaluate
+from stagewise.train.preview import write_preview
+from stagewise.train.recipe import INIT, StageConfig, TrainConfig, stage_error
+from stagewise.train.state import TrainState
+from stagewise.train.warp import random_flip, random_warp
+
+log = logging.getLogger(__name__)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StageJob:
+    """Where a stage reads and writes (paths come from dvc.yaml, settings from params.yaml)."""
+
+    name: str
+    train: TrainConfig
+    codec: CodecConfig
+    parent_dir: Path  # runs/<parent>
+    cache_dir: Path  # data/cache/<resolution_px>
+    out_dir: Path  # runs/<stage>
+    backups_dir: Path  # runs/<stage>/backups (DVC persist: survives reruns)
+    progress: bool = True
+
+    @property
+    def cfg(self) -> StageConfig:
+        return self.train.stages[self.name]
+
+
+def _next(images: int, every_kimg: float | None) -> float:
+    """The next multiple of ``every_kimg`` after ``images`` (a pure function of progress: resume-safe)."""
+    if not every_kimg:
+        return float("inf")
+    every = max(1, round(every_kimg * 1000))
+    return (images // every + 1) * every
+
+
+class StageTrainer:
+    def __init__(self, job: StageJob):
+        self.job, self.cfg, self.name = job, job.cfg, job.name
+        cfg = self.cfg
+        self.device = pick_device(job.train.device)
+        self.codec = load_codec(job.codec, self.device)
+        self.model, parent_meta = self._load_parent()
+        self.grew = self.model.resolution_px == 2 * parent_meta["architecture"]["resolution_px"]
+        self.frozen = self._frozen_names()
+        self.data = StageData(job.cache_dir, self.codec, cfg.resolution_px, cfg.holdout_per_domain, cfg.flip, cfg.seed, self.device)
+        expected = (self.model.channels, self.model.latent_px, self.model.latent_px)
+        if self.data.latent_shape != expected:
+            raise StageError(f"{job.cache_dir}: latents are {self.data.latent_shape}, the model at {cfg.resolution_px} px expects {expected}")
+        self.flip_on_the_fly = cfg.flip and not self.data.has_flipped
+        self.state = TrainState(self.model, cfg, self.frozen, self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.guard = NanGuard(self.device)
+        self.gen = torch.Generator(device=self.device)  # reseeded every step from (seed, step)
+        self.encode, self.decode = self.model.encode, self.model.decode
+        if job.train.compile:
+            self.encode, self.decode = torch.compile(self.model.encode), torch.compile(self.model.decode)
+        self.parent_sha256 = sha256_file(job.parent_dir / ckpt.MODEL_FILE)
+        self.parent_meta = parent_meta
+        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint)
+        self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.sum_steps = 0
+        self._resume_or_start()
+        # images_seen at the last status / backup / snapshot / short cycle: the next is due one interval on
+        self.last_status = self.last_save = self.last_preview = self.last_cycle = self.state.images_seen
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _load_parent(self):
+        job, cfg = self.job, self.cfg
+        try:
+            model, meta = ckpt.load_model(job.parent_dir, self.device)
+        except FileNotFoundError as exc:
+            what = "the init stage (`dvc repro init`)" if self.cfg.parent == INIT else f"stage {cfg.parent} (`dvc repro train@{cfg.parent}`)"
+            raise StageError(f"{exc} — run {what} first") from None
+        if meta.get("codec_id") != self.codec.id:
+            raise StageError(f"{job.parent_dir}: the parent model was trained on codec {meta.get('codec_id')}, this run uses {self.codec.id}; rerun from init")
+        parent_px = model.resolution_px
+        if cfg.resolution_px == 2 * parent_px:
+            model = grow(model)
+        elif cfg.resolution_px != parent_px:
+            raise stage_error(self.name, "resolution_px", f"{cfg.resolution_px} is neither the parent's ({cfg.parent}: {parent_px} px) nor twice it")
+        return model, meta
+
+    def _frozen_names(self) -> set[str]:
+        old = self.model.old_names()
+        frozen, unmatched = frozen_names(self.model, self.cfg.freeze, old)
+        for pattern in unmatched:
+            hint = "the model has not grown yet (it is at the init resolution)" if pattern == OLD else "parameter names look like encoder.blocks.16.conv1.weight, inter.dense1.weight, decoder_a.outputs.16.conv.bias"
+            raise stage_error(self.name, "freeze", f"pattern {pattern!r} matches no parameter; {hint}")
+        if len(frozen) == len(list(self.model.parameters())):
+            raise stage_error(self.name, "freeze", "the patterns freeze every parameter: nothing would train")
+        return frozen
+
+    def _resume_or_start(self) -> None:
+        backup = self.backups.latest(max_images=self.cfg.length_images)
+        if backup is not None:
+            tensors, meta = backup.load(self.device)
+            self.state.load(tensors, meta)
+            self.event("resumed", backup=str(backup.tensors_path), from_kimg=backup.images_seen / 1000)
+        else:
+            freeze_changed = sorted(self.cfg.freeze) != sorted(self.parent_meta.get("config", {}).get("freeze", []))
+            self.event("started", grew=self.grew, frozen_tensors=len(self.frozen), trainable_tensors=len(self.trainable), freeze_changed=freeze_changed)
+            self.checkpoint("start")
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict[str, Any]:
+        st, cfg = self.state, self.cfg
+        total = cfg.length_images
+        self.pbar = tqdm(total=total, initial=min(st.images_seen, total), unit="img", desc=self.name, disable=not self.job.progress, leave=False)
+        self.clock = time.perf_counter()
+        while True:
+            done = st.images_seen >= total
+            if (done or st.images_seen >= _next(self.last_status, cfg.log_every_kimg)) and self.status():
+                continue  # rolled back to a backup: re-plan from its progress
+            if not done and st.images_seen >= _next(self.last_preview, cfg.preview_every_kimg):
+                self.snapshot()
+            if (done or st.images_seen >= _next(self.last_save, cfg.save_every_kimg)) and self.checkpoint("end" if done else "rolling"):
+                continue
+            if done:
+                break
+            self.step()
+        self.pbar.close()
+        return self.finish()
+
+    def step(self) -> None:
+        st, cfg, model = self.state, self.cfg, self.model
+        batch, accum = cfg.batch_size, cfg.grad_accum
+        self.gen.manual_seed(mix_seed(cfg.seed, st.step, 1))
+        model.fade = min(1.0, st.images_seen / (cfg.fade_in_kimg * 1000)) if self.grew and cfg.fade_in_kimg else 1.0
+        encode, decode = (self.encode, self.decode) if model.fade == 1.0 else (model.encode, model.decode)  # fade changes every step: no recompiles
+        if cfg.lr_warmup_kimg:  # the ramp: a float per param group, no device work
+            st.apply_hparams()
+        poison = self.guard.poisoned(st.step)
+        st.opt.zero_grad(set_to_none=True)
+        if st.d_opt is not None:
+            st.d_opt.zero_grad(set_to_none=True)
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            position = (st.step * accum + micro) * batch
+            target = torch.cat([self.data.batch(d, position, batch) for d in DOMAINS])
+            if self.flip_on_the_fly:
+                target = random_flip(target, self.gen)
+            if poison:
+                target = target * float("nan")
+            source = random_warp(target, self.gen, cfg.warp) if cfg.random_warp else target  # the input only
+            with self.autocast():
+                features = encode(source)
+                pred = torch.cat([decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)])
+            loss = torch.zeros((), device=self.device)
+            for d, p, t in zip(DOMAINS, pred.chunk(2), target.chunk(2)):
+                rec, rec_parts = reconstruction_loss(p, t, cfg.loss)
+                loss = loss + rec
+                self._add(parts, {f"loss_{d}": rec.detach(), **{f"{d}_{k}": v for k, v in rec_parts.items()}}, accum)
+            if st.disc is not None:
+                with self.autocast():
+                    loss_d = d_loss(st.disc(target), st.disc(pred.detach()), cfg.gan.loss)
+                    with frozen(st.disc):
+                        loss_g = g_loss(st.disc(pred), cfg.gan.loss)
+                loss = loss + cfg.gan_power * loss_g + loss_d  # loss_d reaches only D, loss_g only G
+                self._add(parts, {"gan_d": loss_d.detach(), "gan_g": loss_g.detach()}, accum)
+            st.scaler.scale(loss / accum).backward()
+            total = total + loss.detach()
+        finite, grad_norm = self._optimizer_step(total)
+        parts["grad_norm"] = grad_norm
+        if st.ema is not None:
+            st.ema.update(model, 2 * batch * accum)
+        self.guard.observe(finite)
+        for k, v in parts.items():  # sums of finite steps only: a skipped step must not turn the mean into NaN
+            self.sums[k] = self.sums.get(k, 0) + torch.where(finite, v, 0.0)
+        self.sums["_finite_steps"] = self.sums.get("_finite_steps", 0) + finite.float()
+        self.sum_steps += 1
+        st.step += 1
+        st.images_seen += 2 * batch * accum
+        self.pbar.update(2 * batch * accum)
+
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale, clip and step. Returns the device flag ``finite`` (False: the step was skipped) and the
+        model's gradient norm before clipping."""
+        st, cfg = self.state, self.cfg
+        optimizers = [st.opt] + ([st.d_opt] if st.d_opt is not None else [])
+        if st.scaler.is_enabled():
+            for opt in optimizers:
+                st.scaler.unscale_(opt)
+        finite = torch.isfinite(loss)
+        norms = []
+        for params in [self.trainable] + ([list(st.disc.parameters())] if st.disc is not None else []):
+            grads = [p.grad for p in params if p.grad is not None]
+            if cfg.clip_grad:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            norms.append(norm)
+            if not st.scaler.is_enabled():  # fp16: overflowing gradients are the scaler's business, not a NaN
+                finite = finite & torch.isfinite(norm)
+
+        def step(opt: torch.optim.Optimizer):
+            if st.scaler.is_enabled():
+                return lambda: st.scaler.step(opt)  # skips on overflow, on the device (fused Adam)
+            return lambda: skip_if_not_finite(opt, finite)
+
+        if st.lrd is not None:
+            st.lrd.generator.manual_seed(mix_seed(cfg.seed, st.step, 2))
+            st.lrd.step(st.opt, step_fn=step(st.opt))
+        else:
+            step(st.opt)()
+        if st.d_opt is not None:
+            step(st.d_opt)()
+        if st.scaler.is_enabled():
+            st.scaler.update()
+        return finite, norms[0].float()
+
+    @staticmethod
+    def _add(acc: dict[str, torch.Tensor], values: dict[str, torch.Tensor], accum: int) -> None:
+        for k, v in values.items():
+            acc[k] = acc.get(k, 0) + v.float() / accum
+
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.cfg.precision])
+
+    # --------------------------------------------------------------------------------- status, guard
+
+    def status(self) -> bool:
+        """Sync once: a history row, and the NaN guard's verdict. True when it rolled back."""
+        st, cfg = self.state, self.cfg
+        now = time.perf_counter()
+        seconds, images = now - self.clock, st.images_seen - self.last_status
+        st.wall_s += seconds
+        self.clock, self.last_status = now, st.images_seen
+        longest, skipped = self.guard.check()
+        if self.sum_steps:
+            keys = list(self.sums)
+            values = dict(zip(keys, torch.stack([torch.as_tensor(self.sums[k], device=self.device, dtype=torch.float32) for k in keys]).tolist()))
+            finite_steps = max(values.pop("_finite_steps"), 1.0)
+            row = {"kimg": round(st.images_seen / 1000, 3), "images_seen": st.images_seen, "step": st.step, "wall_s": round(st.wall_s, 2)}
+            row["images_per_s"] = round(images / max(seconds, 1e-9), 2)
+            row["lr"] = st.lr_now()
+            row.update({k: v / finite_steps for k, v in values.items()})
+            row["skipped_steps"] = skipped
+            st.history.append(row)
+            self.pbar.set_postfix(loss_a=f"{row.get('loss_a', float('nan')):.4f}", loss_b=f"{row.get('loss_b', float('nan')):.4f}", refresh=False)
+            log.debug("%s", row)
+        self.sums, self.sum_steps = {}, 0
+        if longest >= cfg.guard.max_bad_steps:
+            self.rollback(f"{longest} consecutive non-finite steps")
+            return True
+        return False
+
+    def rollback(self, reason: str) -> None:
+        st, guard = self.state, self.cfg.guard
+        backup = self.backups.latest(max_images=st.images_seen)
+        where = f"at {st.images_seen / 1000:g} kimg (step {st.step})"
+        if backup is None or st.rollbacks >= guard.max_rollbacks:
+            good = f"the last good backup is {backup.tensors_path} ({backup.images_seen / 1000:g} kimg)" if backup else "no good backup exists"
+            self.event("failed", reason=reason, rollbacks=st.rollbacks, good_backup=str(backup.tensors_path) if backup else None)
+            raise StageError(
+                f"stage {self.name}: {reason} {where}, after {st.rollbacks} rollback(s) with the LR lowered to x{st.lr_scale:g} "
+                f"and epsilon raised to x{st.eps_scale:g}; giving up (train.stages.{self.name}.guard.max_rollbacks = {guard.max_rollbacks}). "
+                f"Non-finite weights were never saved: {good}. Lower train.stages.{self.name}.lr, or use precision fp32/bf16."
+            )
+        tensors, meta = backup.load(self.device)
+        st.load(tensors, meta, counters_too=False)
+        st.rollbacks += 1
+        st.lr_scale *= guard.lr_factor
+        st.eps_scale *= guard.eps_factor
+        st.apply_hparams()
+        self.guard.reset()
+        self.last_status = self.last_save = self.last_preview = st.images_seen
+        self.pbar.reset(total=self.cfg.length_images)
+        self.pbar.update(st.images_seen)
+        self.event("rollback", reason=f"{reason} {where}", backup=str(backup.tensors_path), to_kimg=backup.images_seen / 1000, lr=self.cfg.lr * st.lr_scale, eps=self.cfg.eps * st.eps_scale, rollbacks=st.rollbacks)
+
+    # ------------------------------------------------------------------------------ snapshot, backups
+
+    def snapshot(self) -> None:
+        self.last_preview = self.state.images_seen
+        with self.output_weights():
+            write_preview(self.job.out_dir / "preview.png", self.model, self.codec, self.preview_sources())
+
+    def checkpoint(self, kind: str) -> bool:
+        """Save a backup (never one with non-finite weights). True when a NaN forced a rollback instead."""
+        st = self.state
+        if kind != "start" and self.status():  # the guard gets its say before anything is written
+            return True
+        cycle = kind == "rolling" and st.images_seen >= _next(self.last_cycle, self.cfg.short_cycle_kimg)
+        self.last_save = st.images_seen
+        try:
+            backup = self.backups.save(kind, st.images_seen, st.tensors(), {**st.meta(), "stage": self.name})
+        except ckpt.NonFiniteError as exc:
+            self.rollback(f"non-finite weights ({exc})")
+            return True
+        if cycle:  # short cycle: reload what was just saved, as a restart would
+            self.last_cycle = st.images_seen
+            st.load(*backup.load(self.device))
+            self.event("short_cycle", backup=str(backup.tensors_path))
+        return False
+
+    def event(self, kind: str, **fields: Any) -> None:
+        st = self.state
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stage": self.name, "event": kind, "kimg": st.images_seen / 1000, "step": st.step, **fields}
+        st.events.append(entry)
+        write_text(self.job.out_dir / "events.jsonl", "".join(json.dumps(e) + "\n" for e in st.events))
+        log.log(logging.WARNING if kind in ("rollback", "failed") else logging.INFO, "%s: %s %s", self.name, kind, {k: v for k, v in fields.items()})
+
+    # ----------------------------------------------------------------------------------------- finish
+
+    @contextlib.contextmanager
+    def output_weights(self):
+        """The model with the weights this stage publishes: the EMA's when configured."""
+        st = self.state
+        if st.ema is not None and self.cfg.ema.use_for_output:
+            with st.ema.applied(self.model):
+                yield self.model
+        else:
+            yield self.model
+
+    def preview_sources(self) -> dict[str, torch.Tensor]:
+        return {d: self.data.first(d, self.cfg.preview_rows) for d in DOMAINS}
+
+    def finish(self) -> dict[str, Any]:
+        st, cfg, out = self.state, self.cfg, self.job.out_dir
+        split = "heldout" if all(d in self.data.heldout for d in DOMAINS) else "train"
+        eval_images = {d: self.data.first(d, 64, heldout=split == "heldout") for d in DOMAINS}
+        self.model.fade = 1.0
+        with self.output_weights():
+            write_preview(out / "preview.png", self.model, self.codec, self.preview_sources())
+            metrics = evaluate(self.model, self.codec, eval_images, cfg.loss, split)
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        last = st.history[-1] if st.history else {}
+        metrics["train"] = {k: last[k] for k in last if k.startswith(("loss_", "gan_"))}
+        metrics.update(images_seen=st.images_seen, kimg=st.images_seen / 1000, wall_s=round(st.wall_s, 1), rollbacks=st.rollbacks)
+        write_json(out / "metrics.json", metrics)
+        write_history(out / "history.tsv", st.history)
+        end = self.backups.latest()
+        meta = {
+            "stage": self.name,
+            "parent": cfg.parent,
+            "parent_sha256": self.parent_sha256,
+            "codec_id": self.codec.id,
+            "codec": {"name": self.job.codec.name, "shift": self.codec.shift, "scale": self.codec.scale},
+            "resolution_px": cfg.resolution_px,
+            "latent_px": self.model.latent_px,
+            "grew": self.grew,
+            "images_seen": st.images_seen,
+            "steps": st.step,
+            "wall_s": round(st.wall_s, 1),
+            "rollbacks": st.rollbacks,
+            "ema_weights": st.ema is not None and cfg.ema.use_for_output,
+            "frozen": sorted(self.frozen),
+            "config": cfg.model_dump(mode="json"),
+            "fingerprint": self.fingerprint,
+            # Random streams are seeded from (config.seed, step), so the step is the whole rng state.
+            "rng": {"seed": cfg.seed, "step": st.step},
+            "end_backup": str(end.tensors_path) if end else None,
+            "device": str(self.device),
+        }
+        ckpt.save_model(out, self.model, meta, state=weights)
+        removed = self.backups.prune_other_fingerprints()
+        if removed:
+            log.info("%s: removed stale backups of earlier configs: %s", self.name, ", ".join(p.name for p in removed))
+        self.event("finished", kimg_total=st.images_seen / 1000, wall_s=round(st.wall_s, 1))
+        return metrics
+
+
+HISTORY_FIRST = ["kimg", "images_seen", "step", "wall_s", "images_per_s", "lr", "skipped_steps", "loss_a", "loss_b"]
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """history.tsv for `dvc plots`: progress columns first, then every loss part in name order."""
+    present = {k for row in rows for k in row}
+    columns = [c for c in HISTORY_FIRST if c in present] + sorted(present - set(HISTORY_FIRST))
+
+    def fmt(v: Any) -> str:
+        return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    lines = ["\t".join(columns)] + ["\t".join(fmt(row.get(c)) for c in columns) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def run_stage(job: StageJob) -> dict[str, Any]:
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    return StageTrainer(job).run()
