@@ -324,9 +324,19 @@ def classify(stage: str, returncode: int, lines: list[str], seconds: float) -> S
     if traceback_at is not None:
         cause = next((line.strip() for line in reversed(lines[traceback_at:]) if _TRACEBACK_LAST.match(line.strip())), None)
         exception = _TRACEBACK_LAST.match(cause).group(1).rsplit(".", 1)[-1] if cause else "unknown"
-    message = f"stage command exited with {exited}" + (f": {cause}" if cause else "")
+    message = f"stage command {_describe_exit(exited)}" + (f": {cause}" if cause else "")
     retryable = exception is None or exception in TRANSIENT_EXCEPTIONS
     return StageOutcome(stage, "failed", seconds, returncode, exited, message=message, retryable=retryable, tail=lines)
+
+
+def _describe_exit(exited: int) -> str:
+    """'killed by SIGKILL' whether the shell DVC runs the command in reports the signal as -9
+    (it exec'd the command) or as 137 (it forked and waited), else 'exited with N'."""
+    signum = -exited if exited < 0 else exited - 128 if exited > 128 else None
+    try:
+        return f"killed by {signal.Signals(signum).name}"
+    except ValueError:
+        return f"exited with {exited}"
 
 
 def fresh_stages(project: str | Path, names: list[str]) -> set[str]:

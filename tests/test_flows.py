@@ -143,7 +143,7 @@ def test_dag_order_comes_from_dvc_and_selection_adds_upstream(tmp_path):
         ("print('working')", "ran", False, ""),
         ("import sys; print('error: params.yaml: x.lr: must be > 0', file=sys.stderr); sys.exit(2)", "failed", False, "error: params.yaml: x.lr: must be > 0"),
         ("raise OSError(5, 'Input/output error')", "failed", True, "stage command exited with 1: OSError: [Errno 5] Input/output error"),
-        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "failed", True, "stage command exited with -9"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "failed", True, "stage command killed by SIGKILL"),
         ("raise ValueError('shape mismatch')", "failed", False, "stage command exited with 1: ValueError: shape mismatch"),
     ],
     ids=["ok", "user-error", "io-error", "killed", "bug"],
