@@ -30,3 +30,16 @@ def test_every_corrupt_kind_is_classified_and_good_images_kept(tmp_path):
     assert reasons[str(corpus["bomb_header"][0])].startswith("too large: 40000x40000")
     assert reasons[str(corpus["one_pixel"][0])].startswith("too small: 1x1")
 
+
+
+def test_corrupt_corpus_through_every_curation_stage_and_the_cache():
+    """The benchmark at its smallest: every curation stage and the cache as real processes on the corpus
+    mixed with good photos; it exits 1 on a crash, a wrong decision, a cache duplicate or a touched input."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fault_corrupt.py"), "--per-kind", "1", "--good", "4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "crashes 0  wrong decisions 0  input entries changed 0" in proc.stdout

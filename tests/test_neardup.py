@@ -164,6 +164,15 @@ def test_clip_cosine_links_what_the_hash_misses(tmp_path):
     assert (rows.drop(index="coffee_bars.png")["status"] == "kept").all()
 
 
+def test_pair_search_when_no_two_hashes_share_a_chunk():
+    """Regression: a few distinct images whose hashes agree on no chunk at all crashed the stage
+    (np.concatenate of nothing) -- found by benchmarks/fault_corrupt.py with 23 images."""
+    bits, max_distance = 64, 7  # 8 chunks of 8 bits: hashes 0x00.., 0x11.., 0x22.. differ in every chunk
+    words = np.array([[int.from_bytes(bytes([k * 17]) * 8, "little")] for k in range(4)], dtype=np.uint64)
+    i, j, d = hash_pairs(words, bits, max_distance)
+    assert len(i) == len(j) == len(d) == 0 and i.dtype == np.int64
+
+
 def test_pair_search_matches_brute_force():
     rng = np.random.default_rng(0)
     for bits, max_distance in ((64, 3), (256, 12), (256, 0)):

@@ -168,7 +168,8 @@ def hash_pairs(words: np.ndarray, bits: int, max_distance: int) -> tuple[np.ndar
     # ceil(bits / 62) so every chunk's value fits an int64.
     n_chunks = min(max(max_distance + 1, math.ceil(bits / 62)), bits)
     keys = chunk_keys(words, bits, n_chunks)
-    found_i, found_j, found_d = [], [], []
+    empty = np.zeros(0, np.int64)
+    found_i, found_j, found_d = [empty], [empty], [empty]  # no image may share a chunk value with another
     for c in range(n_chunks):
         order = np.argsort(keys[:, c], kind="stable")
         sorted_keys = keys[order, c]
