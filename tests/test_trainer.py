@@ -336,3 +336,30 @@ def test_grad_accumulation_averages_micro_batches(project):
     assert accumulated.state.images_seen == whole.state.images_seen == 8
     for p, q in zip(whole.model.parameters(), accumulated.model.parameters()):
         torch.testing.assert_close(accumulated.state.opt.state[q]["exp_avg"], whole.state.opt.state[p]["exp_avg"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("resolution_px", [16, 256])
+def test_preview_grid_layout_and_titles(resolution_px):
+    """Rows A then B; columns source, same-domain reconstruction, swap; source cells are the decoded
+    latents themselves; the title strip grows with the image so it stays readable at 512 px."""
+    import numpy as np
+
+    from stagewise.codecs import load_codec
+    from stagewise.train.preview import preview_grid, to_pixels
+
+    codec = load_codec(CodecConfig(name="pixels"))
+    net = init_model(ModelConfig(**TINY_MODEL), 3, 1)
+    while net.resolution_px < resolution_px:
+        net = grow(net)
+    gen = torch.Generator().manual_seed(1)
+    sources = {d: codec.normalize(torch.rand(2, 3, resolution_px, resolution_px, generator=gen)) for d in "ab"}
+    canvas = preview_grid(net, codec, sources)
+
+    header_px = canvas.height - 4 * resolution_px
+    assert canvas.width == 3 * resolution_px and header_px >= max(18, resolution_px // 10)
+    pixels = torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+    for row, source in enumerate([*sources["a"], *sources["b"]]):
+        cell = pixels[:, header_px + row * resolution_px:header_px + (row + 1) * resolution_px, :resolution_px]
+        torch.testing.assert_close(cell, to_pixels(codec, source[None])[0], atol=1 / 255, rtol=0)
+    strip = np.array(canvas.crop((0, 0, canvas.width, header_px)).convert("L"))
+    assert (strip < 128).mean() > 0.01  # the titles are drawn

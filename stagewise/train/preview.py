@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from stagewise.codecs import Codec
 from stagewise.io import write_bytes
 from stagewise.models.autoencoder import DOMAINS, Autoencoder
 
-HEADER_PX = 18  # a strip for the column titles
 DECODE_CHUNK = 4  # images per codec.decode call: bounds memory at 512 px
 
 
@@ -44,14 +43,17 @@ def preview_grid(model: Autoencoder, codec: Codec, sources: dict[str, torch.Tens
     rows, cols = grid.shape[:2]
     pixels = to_pixels(codec, grid.flatten(0, 1))
     size = pixels.shape[-1]
-    canvas = Image.new("RGB", (cols * size, HEADER_PX + rows * size), "white")
+    # Titles readable at any size: a 512 px preview opened to fit a screen shrinks ~3x.
+    header_px = max(18, size // 10)
+    canvas = Image.new("RGB", (cols * size, header_px + rows * size), "white")
     images = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        canvas.paste(Image.fromarray(img), (c * size, HEADER_PX + r * size))
+        canvas.paste(Image.fromarray(img), (c * size, header_px + r * size))
     draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=round(header_px * 0.7))  # Pillow's bundled font: no system fonts needed
     for c, title in enumerate(("A / B", "A->A / B->B", "A->B / B->A")):
-        draw.text((c * size + 4, 3), title, fill="black")
+        draw.text((c * size + header_px // 4, header_px // 2), title, fill="black", font=font, anchor="lm")
     return canvas
 
 
