@@ -12,7 +12,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import pandas as pd
 
 from stagewise import cli
 from stagewise.config import load_section
@@ -23,17 +22,10 @@ from stagewise.io import write_parquet
 log = logging.getLogger("stages.caption")
 
 
-def read_input(path: str, what: str) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        raise cli.StageError(f"{what} not found: {path} (run the stage that writes it first)") from None
-
-
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("caption", CaptionConfig, args.params)
-    manifest = read_input(args.manifest, "manifest")
-    filters = {path: read_input(path, "filter output") for path in args.filter}
+    manifest = cli.read_parquet(args.manifest, "manifest", "the ingest stage")
+    filters = {path: cli.read_parquet(path, "filter output") for path in args.filter}
     try:
         captioned, counts = caption_dataset(
             manifest, filters, make_captioner(cfg), Path(args.store), cfg.batch_size, cfg.max_pixels, cfg.workers, cfg.overwrite

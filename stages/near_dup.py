@@ -11,7 +11,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import pandas as pd
 
 from stagewise import cli
 from stagewise.config import load_section
@@ -21,17 +20,10 @@ from stagewise.io import write_parquet
 log = logging.getLogger("stages.near_dup")
 
 
-def read_input(path: str, what: str) -> pd.DataFrame:
-    try:
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        raise cli.StageError(f"{what} not found: {path} (run the stage that writes it first)") from None
-
-
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("near_dup", NearDupConfig, args.params)
-    manifest = read_input(args.manifest, "manifest")
-    upstream = {path: read_input(path, "upstream filter output") for path in args.upstream}
+    manifest = cli.read_parquet(args.manifest, "manifest", "the ingest stage")
+    upstream = {path: cli.read_parquet(path, "upstream filter output") for path in args.upstream}
     for path, frame in upstream.items():
         missing = {"path", "sha256", "status"} - set(frame.columns)
         if missing:

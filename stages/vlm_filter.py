@@ -11,7 +11,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import pandas as pd
 
 from stagewise import cli
 from stagewise.config import load_section
@@ -23,10 +22,7 @@ log = logging.getLogger("stages.vlm_filter")
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("vlm_filter", VlmConfig, args.params)
-    try:
-        manifest = pd.read_parquet(args.manifest)
-    except FileNotFoundError:
-        raise cli.StageError(f"manifest not found: {args.manifest} (run the ingest stage first)") from None
+    manifest = cli.read_parquet(args.manifest, "manifest", "the ingest stage")
     frame, asked = filter_images(manifest, cfg, Path(args.store))
     write_parquet(args.out, frame)
     if cfg.model is None:

@@ -12,7 +12,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import pandas as pd
 
 from stagewise import cli
 from stagewise.config import load_section
@@ -24,10 +23,7 @@ log = logging.getLogger("stages.watermark")
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("watermark", WatermarkConfig, args.params)
-    try:
-        manifest = pd.read_parquet(args.manifest)
-    except FileNotFoundError:
-        raise cli.StageError(f"manifest not found: {args.manifest} (run the ingest stage first)") from None
+    manifest = cli.read_parquet(args.manifest, "manifest", "the ingest stage")
     try:
         frame, counts = run_cascade(
             manifest, cfg, Path(args.store),

@@ -16,6 +16,16 @@ class StageError(RuntimeError):
     """A failure the user can act on; its message says what happened and what to do."""
 
 
+def read_parquet(path: str, what: str, producer: str = "the stage that writes it"):
+    """A stage's input table; a missing one says which stage to run first rather than a traceback."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise StageError(f"{what} not found: {path} (run {producer} first)") from None
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 

@@ -7,6 +7,7 @@ size against our own limit *before* decoding a pixel, so a 40 000 x 40 000 heade
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def load_verified(path: Path | str, sha256_hex: str, max_pixels: int) -> Image.Image:
+    """Decode a file that ingest accepted, after checking it still has the manifest's sha256: a result
+    memoised by content hash must be computed from that content, not from a file edited since."""
+    data = read_file(path)
+    if hashlib.sha256(data).hexdigest() != sha256_hex:
+        raise ImageError("changed since ingest: content differs from the manifest's sha256 (rerun ingest)")
+    return decode(data, max_pixels)[0]
 
 
 def load_rgb(path: Path | str, max_pixels: int) -> Image.Image:

@@ -40,7 +40,7 @@ from stagewise.cli import StageError
 from stagewise.config import Section, fingerprint
 from stagewise.hub import identity as folder_identity
 from stagewise.hub import looks_like_path, offline, resolve
-from stagewise.images import ImageError, decode, read_file
+from stagewise.images import ImageError, load_verified
 from stagewise.io import sha256_file
 from stagewise.store import ResultStore
 
@@ -310,10 +310,7 @@ def _vector(row: dict) -> np.ndarray:
 def _load_checked(row: Any, max_pixels: int, preprocess: Any) -> Any:
     """Decode + preprocess one manifest row in a worker thread; a string is the reason it could not be."""
     try:
-        data = read_file(row.path)
-        if sha256(data).hexdigest() != row.sha256:
-            return "changed since ingest: content differs from the manifest's sha256 (rerun ingest)"
-        return preprocess(decode(data, max_pixels)[0])
+        return preprocess(load_verified(row.path, row.sha256, max_pixels))
     except ImageError as exc:
         return str(exc)
 

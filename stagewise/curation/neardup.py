@@ -26,7 +26,6 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
 from stagewise.curation.clip import ClipConfig, Embedder
-from stagewise.images import ImageError, decode, read_file
+from stagewise.images import ImageError, load_verified
 from stagewise.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -105,10 +104,7 @@ def hash_new(rows: pd.DataFrame, cfg: NearDupConfig, store_dir: Path) -> tuple[d
 
     def work(row) -> tuple[str, dict | None, str | None]:
         try:
-            data = read_file(row.path)
-            if sha256(data).hexdigest() != row.sha256:
-                return row.sha256, None, "changed since ingest: content differs from the manifest's sha256 (rerun ingest)"
-            img = decode(data, cfg.max_pixels)[0]
+            img = load_verified(row.path, row.sha256, cfg.max_pixels)
         except ImageError as exc:
             return row.sha256, None, str(exc)
         return row.sha256, {"phash": image_hash(img, cfg), "sharpness": sharpness(img)}, None

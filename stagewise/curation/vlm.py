@@ -39,7 +39,6 @@ import string
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from tqdm import tqdm
 from stagewise.cli import StageError
 from stagewise.config import Section, fingerprint
 from stagewise.hub import DType, identity, load_pretrained, resolve, torch_dtype
-from stagewise.images import ImageError, decode, load_rgb, read_file
+from stagewise.images import ImageError, load_rgb, load_verified
 from stagewise.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -360,10 +359,7 @@ class _Error(str):
 def _load_checked(row: Any, max_pixels: int) -> Image.Image | _Error:
     """Read, check against the manifest's sha256 and decode one row; a string is why it could not be."""
     try:
-        data = read_file(row.path)
-        if sha256(data).hexdigest() != row.sha256:
-            return _Error("changed since ingest: content differs from the manifest's sha256 (rerun ingest)")
-        return decode(data, max_pixels)[0]
+        return load_verified(row.path, row.sha256, max_pixels)
     except ImageError as exc:
         return _Error(exc)
 

@@ -30,7 +30,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from stagewise.config import Section, fingerprint
 from stagewise.curation.clip import ClipConfig, Embedder, zero_shot
 from stagewise.curation.vlm import Question, VlmConfig, answers_for, matching
 from stagewise.curation.vlm import locate as locate_vlm
-from stagewise.images import ImageError, decode, read_file
+from stagewise.images import ImageError, load_verified
 from stagewise.io import sha256_file
 from stagewise.store import ResultStore
 
@@ -387,10 +386,7 @@ def detect_new(kept: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_
 
         def work(row) -> tuple[str, dict | None, str | None]:
             try:
-                data = read_file(row.path)
-                if sha256(data).hexdigest() != row.sha256:
-                    return row.sha256, None, "changed since ingest: content differs from the manifest's sha256 (rerun ingest)"
-                img = decode(data, cfg.max_pixels)[0]
+                img = load_verified(row.path, row.sha256, cfg.max_pixels)
             except ImageError as exc:
                 return row.sha256, None, str(exc)
             if not hasattr(local, "detector"):
