@@ -165,3 +165,24 @@ def test_stage_without_a_manifest_is_a_clear_error(tmp_path):
     proc = run([sys.executable, "-m", "stages.watermark", *args], tmp_path, check=False, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2
     assert "error: manifest not found: nope.parquet (run the ingest stage first)" in proc.stderr
+
+
+def test_the_detail_layer_finds_a_mark_the_plain_image_hides():
+    """A 40 % white text stamp in a corner of scikit-image's grass photo: the detector finds no text line
+    in the plain image and one in the detail layer (image - blur, x gain); the clean photo has none in
+    either. The detail-layer settings are part of the fingerprint, so changing them re-runs the detector."""
+    from stagewise.curation.stamp import random_stamp, stamp
+    from stagewise.curation.watermark import TextDetector, score_boxes
+
+    photo = Image.fromarray(skimage.data.grass()).convert("RGB")
+    marked = stamp(photo, random_stamp(np.random.default_rng(1), "text", "corner", opacity=0.4))
+    plain, detail = WatermarkConfig(highpass_sigma_px=0), WatermarkConfig()
+
+    def score(cfg: WatermarkConfig, img: Image.Image) -> float:
+        detector = TextDetector(cfg, None, 1)
+        seen = detector.prepare(img)
+        return score_boxes(detector.detect(seen), seen.width, seen.height, cfg.min_line_aspect).score
+
+    assert score(plain, marked) == 0.0 and score(detail, marked) > detail.threshold
+    assert score(plain, photo) == score(detail, photo) == 0.0
+    assert detector_fingerprint(plain, bundled_model_path()) != detector_fingerprint(detail, bundled_model_path())
