@@ -31,12 +31,13 @@ def setup_logging() -> None:
 
 
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    from stagewise.config import ParamsError
+    from stagewise.config import ParamsError, check_sections
 
     parser.add_argument("--params", default="params.yaml", help="params file to read this stage's section from (default: %(default)s)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        check_sections(args.params)  # a misspelled section would otherwise leave its stage on defaults, silently
         main(args)
     except (ParamsError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

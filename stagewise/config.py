@@ -45,6 +45,37 @@ def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     return params
 
 
+# The top-level sections of params.yaml: one per pipeline stage (or shared setting). A key outside this
+# list is a misspelling (``trian:``) that would otherwise be silently ignored while the stage ran on its
+# defaults; every stage entry point rejects it (``check_sections``, called by ``stagewise.cli.run``).
+SECTIONS = ("sample", "ingest", "watermark", "near_dup", "vlm_filter", "caption", "codec", "cache", "model", "train", "report")
+
+
+def check_sections(path: Path | str = DEFAULT_PARAMS, sections: tuple[str, ...] = SECTIONS) -> None:
+    """Reject top-level keys of ``path`` that are not ``sections``, naming the key, its line and the allowed ones."""
+    params = read_params(path)
+    unknown = [key for key in params if key not in sections]
+    if not unknown:
+        return
+    lines: dict[str, int] = {}
+    node = yaml.compose(Path(path).read_text())
+    if isinstance(node, yaml.MappingNode):
+        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    raise ParamsError(
+        "\n".join(
+            f"{path}: {key}: unknown section (line {lines.get(str(key), '?')}){_did_you_mean(str(key), sections)}; allowed sections: {', '.join(sections)}"
+            for key in unknown
+        )
+    )
+
+
+def _did_you_mean(key: str, choices: tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f", did you mean {close[0]}?" if close else ""
+
+
 def parse_section(raw: Any, model: type[T], section: str, source: str = "params.yaml") -> T:
     """Validate ``raw`` as ``model``; errors are re-raised as ParamsError naming ``section.key``."""
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stagewise.io import atomic_path, write_json
@@ -32,10 +33,17 @@ from stagewise.models.autoencoder import Autoencoder, build
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 KEPT_KINDS = ("start", "end")  # never pruned: the stage boundaries (and so every freeze change)
 _BACKUP = re.compile(r"^(rolling|start|end)-(\d{12})\.json$")
+# Temp files of a save a kill interrupted: stagewise.io's ``.<name>.tmp-<pid>-<hex>``, and the ``.tmpXXXXXX``
+# that safetensors' save_file writes before renaming it to that name.
+_PARTIAL = re.compile(r"^(\..+\.tmp-\d+-[0-9a-f]{8}|\.tmp[A-Za-z0-9_]{6})$")
 
 
 class NonFiniteError(RuntimeError):
     """Refused to save tensors that hold NaN or inf."""
+
+
+class SaveError(OSError):
+    """A write failed (a full disk, a file-size or quota limit): the file it was replacing is untouched."""
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -52,8 +60,11 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     if bad:
         raise NonFiniteError(f"not saving {path.name}: non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(cpu, str(tmp), metadata=metadata)
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors (ENOSPC, EFBIG) as its own type
+        raise SaveError(f"could not write {path}: {exc}") from exc
 
 
 def save_model(folder: Path, model: Autoencoder, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
@@ -137,6 +148,15 @@ class Backups:
                     found.append(Backup(match[1], int(match[2]), path))
         return sorted(found, key=lambda b: (b.images_seen, b.kind != "rolling"))
 
+    def remove_partial_writes(self) -> int:
+        """Delete temp files of saves a kill interrupted: never valid backups, each up to a backup's size, and
+        named by a dead process, so nothing else would ever remove them. A stage's backups folder has one
+        writer at a time (DVC's lock, or one `python -m stages.train` per stage)."""
+        leftovers = [p for p in self.folder.glob(".*") if _PARTIAL.match(p.name)] if self.folder.exists() else []
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
     def latest(self, max_images: int | None = None) -> Backup | None:
         """The newest complete backup (with at most ``max_images`` seen, when given)."""
         usable = [b for b in self.list() if max_images is None or b.images_seen <= max_images]
@@ -147,8 +167,14 @@ class Backups:
         stem = f"{kind}-{images_seen:012d}"
         json_path = self.folder / f"{stem}.json"
         json_path.unlink(missing_ok=True)  # an older backup of the same name is incomplete from here on
-        save_tensors(self.folder / f"{stem}.safetensors", tensors)
-        write_json(json_path, {**meta, "kind": kind, "images_seen": images_seen, "fingerprint": self.fingerprint})
+        try:
+            save_tensors(self.folder / f"{stem}.safetensors", tensors)
+            write_json(json_path, {**meta, "kind": kind, "images_seen": images_seen, "fingerprint": self.fingerprint})
+        except OSError as exc:  # a full disk: leave no tensors file without its JSON behind (it could never be used)
+            json_path.with_suffix(".safetensors").unlink(missing_ok=True)
+            if isinstance(exc, SaveError):
+                raise
+            raise SaveError(f"could not write {json_path}: {exc}") from exc
         rolling = [b for b in self.list() if b.kind == "rolling"]
         for old in rolling[: max(0, len(rolling) - self.keep)]:
             old.json_path.unlink(missing_ok=True)  # JSON first: a half-pruned backup is never taken as valid

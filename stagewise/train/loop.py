@@ -133,6 +133,8 @@ class StageTrainer:
         return frozen
 
     def _resume_or_start(self) -> None:
+        if removed := self.backups.remove_partial_writes():
+            log.info("%s: removed %d temp file(s) of a save that was interrupted", self.name, removed)
         backup = self.backups.latest(max_images=self.cfg.length_images)
         if backup is not None:
             tensors, meta = backup.load(self.device)
@@ -333,6 +335,10 @@ class StageTrainer:
         except ckpt.NonFiniteError as exc:
             self.rollback(f"non-finite weights ({exc})")
             return True
+        except ckpt.SaveError as exc:  # a full disk is the user's to fix, not a bug: say so, and what is safe
+            good = self.backups.latest()
+            kept = f"the backups already written are intact, the newest is {good.tensors_path} ({good.images_seen / 1000:g} kimg)" if good else "no backup was written yet"
+            raise StageError(f"stage {self.name}: {exc}; {kept}. Free some disk space and run the same command again: it resumes from there.") from None
         if cycle:  # short cycle: reload what was just saved, as a restart would
             self.last_cycle = st.images_seen
             st.load(*backup.load(self.device))
@@ -422,5 +428,6 @@ def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run_stage(job: StageJob) -> dict[str, Any]:
+    trainer = StageTrainer(job)  # every check (params, parent, freeze patterns, cache) before --out is created
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    return StageTrainer(job).run()
+    return trainer.run()

@@ -137,7 +137,8 @@ def parse_train(raw: Any, source: str = "params.yaml") -> TrainConfig:
             raise fail(where, f"a stage name is letters, digits and _ (starting with a letter), and not {INIT!r}")
         if stage.parent != INIT and stage.parent not in seen:
             later = " (it comes later: stages run in the order written)" if stage.parent in cfg.stages else ""
-            raise fail(f"{where}.parent", f"{stage.parent!r} is not an earlier stage or {INIT!r}{later}")
+            allowed = ", ".join(repr(n) for n in [INIT, *seen])
+            raise fail(f"{where}.parent", f"{stage.parent!r} is not an earlier stage or {INIT!r}{later}; allowed here: {allowed}")
         res = stage.resolution_px
         if res & (res - 1):
             raise fail(f"{where}.resolution_px", f"{res} is not a power of two")
