@@ -37,7 +37,7 @@ from tqdm import tqdm
 from stagewise.codecs import Codec
 from stagewise.config import Section, fingerprint
 from stagewise.images import ImageError, center_square, decode, read_file
-from stagewise.io import write_parquet
+from stagewise.io import remove_partial_writes, write_parquet
 from stagewise.latents import SCHEMA, SHARD_GLOB, ShardWriter, read_index, shard_number, to_bytes
 
 log = logging.getLogger(__name__)
@@ -163,15 +163,6 @@ def _kept_rows(root: Path, shard: str, rows: pd.DataFrame) -> list[dict]:
     return out
 
 
-def remove_partial_writes(root: Path) -> int:
-    """Delete temp files of shard writes that a kill interrupted (they would otherwise become DVC outputs)."""
-    leftovers = list(root.glob(".shard-*.parquet.tmp-*"))
-    for path in leftovers:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    return len(leftovers)
-
-
 @dataclass(frozen=True)
 class Unit:
     """One image to decode and the flips of it to encode."""
@@ -259,7 +250,7 @@ def update_cache(
     root.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     codec.latent_px(resolution)  # fails early, naming the codec factor, for a size it cannot encode
-    if removed := remove_partial_writes(root):
+    if removed := remove_partial_writes(root, "shard-*.parquet"):
         log.info("removed %d temp file(s) of an interrupted run", removed)
     current_fp = cache_fingerprint(codec, resolution)
     wanted = wanted_rows(dataset, cfg.flip)

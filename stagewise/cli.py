@@ -7,6 +7,7 @@ and exits 2 with no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -14,6 +15,10 @@ from collections.abc import Callable
 
 class StageError(RuntimeError):
     """A failure the user can act on; its message says what happened and what to do."""
+
+
+# Out of space, quota or a file-size limit: the user's to fix, and every write is atomic, so a rerun is safe.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def read_parquet(path: str, what: str, producer: str = "the stage that writes it"):
@@ -41,4 +46,11 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         main(args)
     except (ParamsError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror}{where}. The disk (or a size limit) is full; every file is written atomically, so free some "
+              "space and run the same command again: it continues from what was saved.", file=sys.stderr)
         sys.exit(2)

@@ -24,6 +24,16 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def remove_partial_writes(folder: Path, names: str = "*") -> int:
+    """Delete the temp files ``atomic_path`` left in ``folder`` for ``names`` (a glob) when a kill interrupted
+    the write. Only for a folder with one writer at a time (DVC's lock): a live writer's temp file matches too."""
+    leftovers = list(folder.glob(f".{names}.tmp-*")) if folder.is_dir() else []
+    for path in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return len(leftovers)
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
         fd = os.open(path, os.O_RDONLY)

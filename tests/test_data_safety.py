@@ -187,3 +187,40 @@ def test_a_failed_json_write_leaves_no_orphan_tensors(tmp_path, monkeypatch):
         backups.save("rolling", 8, {"w": torch.full((3,), 2.0)}, {"step": 1})
     assert sorted(p.name for p in (tmp_path / "fp").iterdir()) == ["start-000000000000.json", "start-000000000000.safetensors"]
     assert [b.images_seen for b in backups.list()] == [0]
+
+
+def test_a_full_disk_anywhere_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Any write a stage makes (a final model, metrics.json, a Parquet output), not only a backup: a full disk
+    or a size limit exits 2 with what to do; safetensors' own error type keeps the errno; other OS errors
+    stay bugs with their traceback."""
+    import argparse
+
+    import torch
+    from safetensors import SafetensorError
+
+    from stagewise import cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+
+    def fails_with(exc: Exception):
+        def main(_args):
+            raise exc
+        return main
+
+    for exc in (OSError(errno.ENOSPC, "No space left on device"), ckpt.SaveError(errno.EFBIG, "could not write m.safetensors: File too large")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(fails_with(exc), argparse.ArgumentParser(), ["--params", str(params)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {exc.strerror}.") and "run the same command again" in err and "[Errno" not in err
+    with pytest.raises(PermissionError):
+        cli.run(fails_with(PermissionError(errno.EACCES, "Permission denied")), argparse.ArgumentParser(), ["--params", str(params)])
+
+    def too_large(*_a, **_k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge, message: \"File too large\" }) (os error 27)")
+
+    monkeypatch.setattr(ckpt, "save_file", too_large)
+    with pytest.raises(ckpt.SaveError) as saved:
+        ckpt.save_tensors(Path("/tmp/never-written.safetensors"), {"w": torch.ones(2)})
+    assert saved.value.errno == errno.EFBIG and str(saved.value).startswith("could not write /tmp/never-written.safetensors: ")

@@ -27,15 +27,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stagewise.io import atomic_path, write_json
+from stagewise.io import atomic_path, remove_partial_writes, write_json
 from stagewise.models.autoencoder import Autoencoder, build
 
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 KEPT_KINDS = ("start", "end")  # never pruned: the stage boundaries (and so every freeze change)
 _BACKUP = re.compile(r"^(rolling|start|end)-(\d{12})\.json$")
-# Temp files of a save a kill interrupted: stagewise.io's ``.<name>.tmp-<pid>-<hex>``, and the ``.tmpXXXXXX``
-# that safetensors' save_file writes before renaming it to that name.
-_PARTIAL = re.compile(r"^(\..+\.tmp-\d+-[0-9a-f]{8}|\.tmp[A-Za-z0-9_]{6})$")
+# The ``.tmpXXXXXX`` that safetensors' save_file writes before renaming it to the name it was given.
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9_]{6}$")
 
 
 class NonFiniteError(RuntimeError):
@@ -43,7 +42,11 @@ class NonFiniteError(RuntimeError):
 
 
 class SaveError(OSError):
-    """A write failed (a full disk, a file-size or quota limit): the file it was replacing is untouched."""
+    """A write failed (a full disk, a file-size or quota limit): the file it was replacing is untouched.
+    Carries the errno when there is one, so `stagewise.cli` can tell a full disk from a bug."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] message"
+        return self.strerror if self.errno is not None else super().__str__()
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -63,8 +66,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     try:
         with atomic_path(path) as tmp:
             save_file(cpu, str(tmp), metadata=metadata)
-    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors (ENOSPC, EFBIG) as its own type
-        raise SaveError(f"could not write {path}: {exc}") from exc
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own type: "... (os error 28)"
+        code = exc.errno if isinstance(exc, OSError) else int(m[1]) if (m := re.search(r"os error (\d+)", str(exc))) else None
+        raise SaveError(*([code] if code is not None else []), f"could not write {path}: {exc}") from exc
 
 
 def save_model(folder: Path, model: Autoencoder, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
@@ -152,10 +156,10 @@ class Backups:
         """Delete temp files of saves a kill interrupted: never valid backups, each up to a backup's size, and
         named by a dead process, so nothing else would ever remove them. A stage's backups folder has one
         writer at a time (DVC's lock, or one `python -m stages.train` per stage)."""
-        leftovers = [p for p in self.folder.glob(".*") if _PARTIAL.match(p.name)] if self.folder.exists() else []
+        leftovers = [p for p in self.folder.glob(".tmp*") if _SAFETENSORS_TMP.match(p.name)] if self.folder.is_dir() else []
         for path in leftovers:
             path.unlink(missing_ok=True)
-        return len(leftovers)
+        return len(leftovers) + remove_partial_writes(self.folder)
 
     def latest(self, max_images: int | None = None) -> Backup | None:
         """The newest complete backup (with at most ``max_images`` seen, when given)."""
@@ -174,7 +178,7 @@ class Backups:
             json_path.with_suffix(".safetensors").unlink(missing_ok=True)
             if isinstance(exc, SaveError):
                 raise
-            raise SaveError(f"could not write {json_path}: {exc}") from exc
+            raise SaveError(*([exc.errno] if exc.errno is not None else []), f"could not write {json_path}: {exc}") from exc
         rolling = [b for b in self.list() if b.kind == "rolling"]
         for old in rolling[: max(0, len(rolling) - self.keep)]:
             old.json_path.unlink(missing_ok=True)  # JSON first: a half-pruned backup is never taken as valid
