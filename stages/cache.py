@@ -65,9 +65,9 @@ def check_every_domain_kept(dataset, dataset_path: Path) -> None:
     lines = []
     for domain in empty:
         reasons = rejection_reasons(dataset_path.parent, domain)
-        counted = "; ".join(f"{step}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) for step, kinds in reasons.items())
+        counted = "; ".join(f"{step}.parquet: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) for step, kinds in reasons.items())
         lines.append(f"domain {domain} (params.yaml data.domains.{domain}) has no image left after curation in {dataset_path}"
-                     + (f"; rejected by {counted}" if counted else "; its folder held no candidate file"))
+                     + (f"; rejected in {counted}" if counted else "; its folder held no candidate file"))
     raise cli.StageError("\n".join(lines) + "\nAdd usable images to that folder (or relax the step's params) and run `dvc repro` again.")
 
 
