@@ -6,7 +6,8 @@ resize policy). A rerun
 
 - encodes only the keys that are missing (new images, or all of them after a codec change),
 - rewrites only the shards holding rows that are no longer wanted (image gone, stale fingerprint, flip
-  turned off) or whose caption / domain changed: captions never force a re-encode,
+  turned off) or whose caption / domain changed: captions never force a re-encode; and shards in an
+  older file layout (``latents.needs_relayout``), copied row for row into the streaming one,
 - never writes a key twice: each key lives in exactly one shard, every shard write is an atomic
   replace of one file, and new rows go to new shards or to the newest, partly filled shard (replaced
   whole). A killed run leaves whole shards; running again continues where it stopped.
@@ -37,8 +38,8 @@ from tqdm import tqdm
 from stagewise.codecs import Codec
 from stagewise.config import Section, fingerprint
 from stagewise.images import ImageError, center_square, decode, read_file
-from stagewise.io import remove_partial_writes, write_parquet
-from stagewise.latents import SCHEMA, SHARD_GLOB, ShardWriter, read_index, shard_number, to_bytes
+from stagewise.io import remove_partial_writes
+from stagewise.latents import SHARD_GLOB, ShardWriter, needs_relayout, read_index, shard_number, to_bytes, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,9 @@ def update_cache(
     wanted = wanted_rows(dataset, cfg.flip)
     index = read_index(root)
     plan = plan_update(index, wanted, current_fp)
+    for shard in sorted(root.glob(SHARD_GLOB)):  # written by older code: rewritten for streaming, never re-encoded
+        if shard.name not in plan.dirty and needs_relayout(shard):
+            plan.dirty[shard.name] = plan.keep[plan.keep["shard"] == shard.name]
     result = CacheResult(reused=len(plan.keep), pruned=len(index) - len(plan.keep), relabelled=plan.relabelled)
     shard_bytes = int(cfg.shard_mb * 2**20)
     writer = ShardWriter(root, shard_bytes)
@@ -276,7 +280,7 @@ def update_cache(
         if name == reopen:
             continue
         if len(rows):
-            write_parquet(root / name, pa.Table.from_pylist(_kept_rows(root, name, rows), schema=SCHEMA))
+            write_shard(root / name, _kept_rows(root, name, rows))
         else:
             (root / name).unlink()
         result.rewritten_shards.append(name)

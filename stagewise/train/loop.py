@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from stagewise.cli import StageError
+from stagewise.code import code_fingerprint
 from stagewise.codecs import CodecConfig, load_codec
 from stagewise.config import fingerprint
 from stagewise.device import pick_device
@@ -96,7 +97,7 @@ class StageTrainer:
             self.encode, self.decode = torch.compile(self.model.encode), torch.compile(self.model.decode)
         self.parent_sha256 = sha256_file(job.parent_dir / ckpt.MODEL_FILE)
         self.parent_meta = parent_meta
-        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint)
+        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint, code_fingerprint())
         self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
         self.sums: dict[str, torch.Tensor] = {}
         self.sum_steps = 0
