@@ -30,12 +30,11 @@ from typing import Any, ClassVar
 import pandas as pd
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
 from stagewise.hub import DType
-from stagewise.images import ImageError, load_rgb
-from stagewise.store import ResultStore
+from stagewise.images import load_verified
+from stagewise.store import ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +255,6 @@ def select_kept(manifest: pd.DataFrame, filters: dict[str, pd.DataFrame]) -> tup
     return kept, dropped
 
 
-def _load_for_captioner(ref: ImageRef, max_pixels: int, captioner: Captioner) -> Any:
-    try:
-        return captioner.prepare(load_rgb(ref.path, max_pixels))
-    except ImageError as exc:
-        return exc
-
-
 def caption_dataset(
     manifest: pd.DataFrame, filters: dict[str, pd.DataFrame], captioner: Captioner, store_dir: Path, batch_size: int = 16, max_pixels: int = 8192 * 8192,
     workers: int = 2, overwrite: bool = False,
@@ -277,55 +269,31 @@ def caption_dataset(
         text = read_sidecar(ref.path)
         if text is not None:
             captions[ref.path] = (text, "sidecar")
+    sidecars = len(captions)
 
-    store = ResultStore(store_dir, captioner.fingerprint)
-    memo = store.lookup()
-    todo = []
-    for ref in refs:
-        if ref.path in captions:
-            continue
-        hit = memo.get(ref.sha256)
-        if hit is not None and hit["context"] == captioner.context(ref):
-            captions[ref.path] = (hit["caption"], captioner.source)
+    def load(ref: ImageRef) -> Any:  # in a decoding thread
+        return captioner.prepare(load_verified(ref.path, ref.sha256, max_pixels)) if captioner.needs_pixels else None
+
+    def run(batch: list[ImageRef], images: list[Any]) -> list[dict[str, str]]:
+        return [{"caption": text.strip(), "context": captioner.context(ref)} for ref, text in zip(batch, captioner.caption(images, batch))]
+
+    todo = [ref for ref in refs if ref.path not in captions]
+    result = memo_map(todo, ResultStore(store_dir, captioner.fingerprint), load, run, batch_size=batch_size, workers=workers, desc="caption",
+                      reuse=lambda ref, stored: stored["context"] == captioner.context(ref))
+    unreadable = {ref.path for ref in todo if ref.sha256 in result.errors}
+    for ref in todo:
+        if ref.path in unreadable:
+            log.warning("%s: dropped from the dataset, cannot be decoded for captioning: %s", ref.path, result.errors[ref.sha256])
         else:
-            todo.append(ref)
-    memoised = len(refs) - len(todo) - sum(source == "sidecar" for _, source in captions.values())
-
-    unreadable: set[str] = set()
-    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-    if captioner.needs_pixels:
-        from stagewise.cache import prefetched  # generic: loads the next batches in threads while one is consumed
-
-        loaded = prefetched(chunks, lambda ref: _load_for_captioner(ref, max_pixels, captioner), workers)
-    else:
-        loaded = ((chunk, [None] * len(chunk)) for chunk in chunks)
-    with store, tqdm(total=len(todo), desc="caption", unit="img", mininterval=1.0, disable=not todo) as bar:
-        for chunk, results in loaded:
-            batch: list[ImageRef] = []
-            images: list[Image.Image | None] = []
-            for ref, result in zip(chunk, results):
-                if isinstance(result, ImageError):
-                    log.warning("%s: dropped from the dataset, cannot be decoded for captioning: %s", ref.path, result)
-                    unreadable.add(ref.path)
-                else:
-                    batch.append(ref)
-                    images.append(result)
-            texts = captioner.caption(images, batch) if batch else []
-            if len(texts) != len(batch):
-                raise RuntimeError(f"captioner {type(captioner).__name__} returned {len(texts)} captions for {len(batch)} images")
-            for ref, text in zip(batch, texts):
-                text = text.strip()
-                store.add(ref.sha256, caption=text, context=captioner.context(ref))
-                captions[ref.path] = (text, captioner.source)
-            bar.update(len(chunk))
+            captions[ref.path] = (result.values[ref.sha256]["caption"], captioner.source)
 
     out = kept[~kept["path"].isin(unreadable)][["path", "domain", "sha256", "width", "height"]].copy()
     out["caption"] = [captions[p][0] for p in out["path"]]
     out["caption_source"] = [captions[p][1] for p in out["path"]]
     counts = {
-        "captioned": len(todo) - len(unreadable),
-        "sidecar": sum(source == "sidecar" for _, source in captions.values()),
-        "memoised": memoised,
+        "captioned": result.computed,
+        "sidecar": sidecars,
+        "memoised": len(result.values) - result.computed,
         "unreadable": len(unreadable),
         **{f"dropped_by:{name}": n for name, n in dropped.items()},
     }
