@@ -46,8 +46,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the same tiny model builders the tests use
 
-from stagewise.curation.caption import CaptionConfig, caption_dataset, make_captioner  # noqa: E402
-from stagewise.curation.captioners import finish_captions  # noqa: E402
+from stagewise.curation.caption import CaptionConfig, caption_dataset, finish_captions, make_captioner  # noqa: E402
 from stagewise.curation.ingest import IngestConfig, ingest, scan  # noqa: E402
 from stagewise.curation.vlm import VlmConfig, filter_images  # noqa: E402
 from stagewise.curation.watermark import WatermarkConfig, score_images  # noqa: E402
