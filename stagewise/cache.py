@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from stagewise.config import Section, fingerprint
 from stagewise.images import ImageError, center_square, decode, read_file
 from stagewise.io import remove_partial_writes
 from stagewise.latents import SHARD_GLOB, ShardWriter, needs_relayout, read_index, shard_number, to_bytes, write_shard
+from stagewise.store import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -187,23 +186,6 @@ def load_unit(unit: Unit, resolution: int) -> list[np.ndarray] | str:
         return str(exc)
     pixels = np.asarray(center_square(img, resolution))
     return [np.ascontiguousarray(pixels[:, ::-1]) if flipped else pixels for flipped in unit.flips]
-
-
-def prefetched(batches: Iterable[list[Unit]], load: Callable[[Unit], object], workers: int, ahead: int = 2) -> Iterator[tuple[list[Unit], list]]:
-    """Yield (batch, its loaded units) in order while the next ``ahead`` batches load in threads."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="cache-decode")
-    pending: deque[tuple[list[Unit], list[Future]]] = deque()
-    try:
-        for batch in batches:
-            pending.append((batch, [pool.submit(load, u) for u in batch]))
-            if len(pending) > ahead:
-                done, futures = pending.popleft()
-                yield done, [f.result() for f in futures]
-        while pending:
-            done, futures = pending.popleft()
-            yield done, [f.result() for f in futures]
-    finally:  # also on an exception in the consumer: drop what has not started
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def make_units(todo: pd.DataFrame) -> list[Unit]:
