@@ -18,7 +18,6 @@ inference mode, channels-last, on the device ``pick_device`` chooses.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
