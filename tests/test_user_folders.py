@@ -189,3 +189,54 @@ def main_of(module: str, args: list[str]) -> None:
         runpy.run_module(f"stages.{module}", run_name="__main__", alter_sys=True)
     finally:
         sys.argv = argv
+
+
+def test_a_full_disk_while_writing_a_shard_keeps_the_previous_shards_and_the_rerun_continues(tmp_path, monkeypatch):
+    """RLIMIT_FSIZE makes a write past the limit fail with EFBIG, as on a full disk (tests/test_data_safety.py).
+    The failing write is the riskiest one: replacing the newest, partly full shard with itself plus new rows."""
+    import sys
+
+    from conftest import ROOT
+    from stagewise.curation.ingest import IngestConfig, ingest
+    from test_data_safety import capped
+
+    sources = [("astronaut", (140, 40, 340, 240)), ("chelsea", (60, 20, 300, 260)), ("coffee", (100, 0, 500, 400)),
+               ("hubble_deep_field", (0, 0, 400, 400)), ("immunohistochemistry", (0, 0, 300, 300)), ("retina", (300, 300, 1100, 1100)),
+               ("hubble_deep_field", (400, 400, 800, 800)), ("coffee", (200, 0, 600, 400))]  # fmt: skip
+    for i, (name, box) in enumerate(sources):
+        write(tmp_path / "photos" / "ab"[i % 2] / f"{i}.jpg", photo(name, box))
+    manifest, _ = ingest({d: tmp_path / "photos" / d for d in "ab"}, IngestConfig(), tmp_path / "store/ingest")
+    dataset = manifest[manifest["status"] == "kept"].assign(caption="a photo")
+    assert len(dataset) == 8
+    dataset.groupby("domain").head(2).iloc[:3].to_parquet(tmp_path / "first.parquet")  # 3 images of both domains, 6 rows with flips
+    dataset.to_parquet(tmp_path / "all.parquet")
+    row_mb = 3 * 32 * 32 * 2 / 2**20  # float16 pixels at 32 px
+    write(tmp_path / "params.yaml", f"codec:\n  name: pixels\ncache:\n  resolutions: [32]\n  shard_mb: {4 * row_mb}\n  batch_size: 2\n  workers: 1\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["--resolution", "32", "--out", "cache/32", "--stats", "cache/32-run.json"]
+
+    main_of("cache", [*args, "--dataset", "first.parquet"])
+    shards = {p.name: p.read_bytes() for p in sorted((tmp_path / "cache/32").glob("shard-*.parquet"))}
+    assert list(shards) == ["shard-00000.parquet", "shard-00001.parquet"]  # 4 rows, then 2: the newest is partly full
+    limit = (len(shards["shard-00000.parquet"]) + len(shards["shard-00001.parquet"])) // 2  # a 2-row shard fits, 4 rows do not
+
+    full = subprocess_run([sys.executable, "-m", "stages.cache", *args, "--dataset", "all.parquet"], tmp_path, ROOT, capped(limit))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert "error: " in full.stderr and "File too large. The disk (or a size limit) is full" in full.stderr, full.stderr[-1500:]
+    assert {p.name: p.read_bytes() for p in sorted((tmp_path / "cache/32").glob("shard-*.parquet"))} == shards  # whole, unchanged
+    assert len(read_index(tmp_path / "cache/32")) == 6  # and readable
+    assert len(read_parquet_dir(tmp_path / "store/ingest")) == 8  # the memo store of the stage before, too
+
+    main_of("cache", [*args, "--dataset", "all.parquet"])  # room again: the same command continues
+    stats = json.loads((tmp_path / "cache/32-run.json").read_text())
+    assert (stats["rows_reused"], stats["rows_encoded"], stats["images_failed"]) == (6, 10, 0)
+    index = read_index(tmp_path / "cache/32")
+    assert len(index) == 16 and not index.duplicated(["sha256", "flipped"]).any() and set(index["sha256"]) == set(dataset["sha256"])
+    assert not [p for p in (tmp_path / "cache/32").iterdir() if not p.name.startswith("shard-")]  # no temp file left
+
+
+def subprocess_run(cmd: list[str], cwd: Path, root: Path, preexec):
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, preexec_fn=preexec)
