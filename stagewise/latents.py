@@ -175,12 +175,13 @@ class ShardReader:
         self.shards = sorted(self.root.glob(SHARD_GLOB))
         if not self.shards:
             raise FileNotFoundError(f"no latent shards in {root}: run the cache stage first (`dvc repro cache`)")
-        self._meta = [pq.ParquetFile(s).metadata for s in self.shards]
-        self._group_starts = [np.cumsum([0] + [m.row_group(g).num_rows for g in range(m.num_row_groups)]) for m in self._meta]
-        frames = []
-        for shard_id, shard in enumerate(self.shards):
-            frame = pq.read_table(shard, columns=[n for n in SCHEMA.names if n != LATENT]).to_pandas()
+        self._meta, frames = [], []
+        for shard_id, shard in enumerate(self.shards):  # one open per shard: its footer and its small columns
+            with pq.ParquetFile(shard) as pf:
+                self._meta.append(pf.metadata)
+                frame = pf.read(columns=[n for n in SCHEMA.names if n != LATENT]).to_pandas()
             frames.append(frame.assign(shard_id=shard_id, position=np.arange(len(frame))))
+        self._group_starts = [np.cumsum([0] + [m.row_group(g).num_rows for g in range(m.num_row_groups)]) for m in self._meta]
         self.index = pd.concat(frames, ignore_index=True)
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
