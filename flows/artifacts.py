@@ -1,7 +1,8 @@
 """Markdown for the Prefect artifacts of a stage: its metrics, its curation counts, its preview image.
 
-Pure functions from files to markdown strings, so they are tested without a Prefect server. Nothing
-here decides anything about the pipeline; it only reads what the stages wrote.
+Pure functions from files to markdown strings, so they are tested without a Prefect server, and at
+the end `publish_artifacts`, which sends a stage's to Prefect. Nothing here decides anything about
+the pipeline; it only reads what the stages wrote.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ import base64
 import io
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 import yaml
+
+if TYPE_CHECKING:
+    from flows.dag import StageInfo
 
 # A preview is embedded in the artifact as a data: URI (the Prefect UI renders it inline; a file://
 # link would be blocked by the browser on an http:// page). Above this size the artifact would bloat
@@ -149,3 +154,54 @@ def preview_markdown(stage: str, shown: str, path: Path) -> str:
     if len(uri) > MAX_EMBEDDED_IMAGE_BYTES:
         return f"## `{stage}` preview\n\nToo large to embed ({len(uri) // 1000} kB): open `{shown}` in the project."
     return f"## `{stage}` preview\n\n`{shown}`\n\n![{stage} preview]({uri})"
+
+
+# --- publishing a stage's artifacts to Prefect ------------------------------------------------------
+
+
+def artifact_key(stage: str, kind: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes: "train@s256_locked" -> "train-s256-locked-metrics"."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{stage}-{kind}".lower()).strip("-")
+
+
+def _preview_files(project: Path, stage: StageInfo) -> list[Path]:
+    found = []
+    for out in stage.outs:
+        path = project / out
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+        elif path.is_dir():  # a run folder: its preview, not every image of a data folder
+            found += sorted(p for p in path.glob("preview*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return found
+
+
+def _metrics_files(project: Path, stage: StageInfo) -> dict[str, Path]:
+    files = {m: project / m for m in stage.metrics}
+    for out in stage.outs:  # a run folder declared as one output may hold its metrics.json inside
+        inside = project / out / "metrics.json"
+        if inside.is_file():
+            files.setdefault(f"{out}/metrics.json", inside)
+    return files
+
+
+def publish_artifacts(project: str | Path, stage: StageInfo) -> list[str]:
+    """Markdown artifacts for a stage's current outputs: metrics, curation counts, preview. Returns their keys."""
+    from prefect.artifacts import create_markdown_artifact
+
+    project = Path(project)
+    published = []
+
+    def publish(kind: str, markdown: str | None, description: str) -> None:
+        if markdown:
+            key = artifact_key(stage.name, kind)
+            create_markdown_artifact(markdown=markdown, key=key, description=description)
+            published.append(key)
+
+    publish("metrics", metrics_markdown(stage.name, _metrics_files(project, stage)), f"{stage.name}: metrics")
+    counts = [md for out in stage.outs if (md := curation_markdown(out, project / out))]
+    publish("curation", "\n\n".join(counts) if counts else None, f"{stage.name}: rows kept and rejected, with reasons")
+    previews = _preview_files(project, stage)
+    if previews:
+        shown = previews[0].relative_to(project).as_posix()
+        publish("preview", preview_markdown(stage.name, shown, previews[0]), f"{stage.name}: {shown}")
+    return published

@@ -1,8 +1,8 @@
 """The `curate` flow: the curation half of the pipeline, from raw folders to the latent cache.
 
-Runs the curation stages that this pipeline has (domains, ingest, watermark, near_dup, vlm_filter,
-caption, cache@<res>) and whatever they depend on, in DAG order, one Prefect task per DVC stage. Deployed as
-`curate/default`.
+The curation half is read from the DAG: the `cache` stages (`cache@<res>`, one per resolution) and
+every stage they depend on (ingest, the filters, caption, whatever dvc.yaml puts before the cache),
+in DAG order, one Prefect task per DVC stage. Deployed as `curate/default`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import argparse
 
 from prefect import flow
 
-from flows.dvc_tasks import run_pipeline
+from flows.pipeline import run_pipeline
 
-# Stage names (or foreach groups) of the curation half; those the pipeline lacks are skipped. A curation
-# stage added later between these runs too, unlisted: it is upstream of `caption` or `cache`.
-CURATION_STAGES = ["domains", "ingest", "watermark", "near_dup", "vlm_filter", "caption", "cache"]
+# The foreach group that ends the curation half; the stages upstream of it are the rest of it, so a
+# curation stage added to dvc.yaml runs here without being listed.
+CACHE_GROUP = "cache"
 
 
 @flow(name="curate", persist_result=False)
@@ -27,7 +27,7 @@ def curate(set_params: list[str] | None = None, force: bool = False, project_dir
         force: rerun every curation stage even if DVC finds it up to date.
         project_dir: the DVC project; the deployment's working directory by default.
     """
-    return run_pipeline(project_dir, targets=CURATION_STAGES, set_params=set_params, force=force, missing_ok=True, title="curate")
+    return run_pipeline(project_dir, targets=[CACHE_GROUP], set_params=set_params, force=force, force_upstream=True, title="curate")
 
 
 def main() -> None:

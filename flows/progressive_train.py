@@ -1,6 +1,6 @@
 """The `progressive-train` flow: every stage of the DVC pipeline, one Prefect task each, in DAG order.
 
-DVC decides what is stale (each task is `dvc repro --single-item <stage>`); this flow only composes.
+DVC decides what is stale (each task reproduces one stage through DVC's Python API); this flow only composes.
 Deployed as `progressive-train/default` (prefect.yaml). Run it without a server too:
 `python -m flows.progressive_train --stage train@lrd --set-param ++train.stages.lrd.lr=2e-5`.
 """
@@ -11,7 +11,7 @@ import argparse
 
 from prefect import flow
 
-from flows.dvc_tasks import run_pipeline
+from flows.pipeline import run_pipeline
 
 
 @flow(name="progressive-train", persist_result=False)

@@ -1,7 +1,7 @@
 """What every `python -m stages.<name>` entry point shares: logging and clean failures.
 
 A known failure (bad params, a missing weight file, exhausted NaN rollbacks) prints one clear message
-and exits 2 with no traceback; anything else is a bug and keeps its traceback.
+and exits USER_ERROR_EXIT (2) with no traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ class StageError(RuntimeError):
     """A failure the user can act on; its message says what happened and what to do."""
 
 
+# The exit status of a failure the user must fix (bad params, a missing weight file, a full disk, exhausted
+# NaN rollbacks): the message says what to do, and running it again unchanged would fail the same way.
+# The Prefect flows read it from the stage's exit status to fail at once instead of retrying.
+USER_ERROR_EXIT = 2
 # Out of space, quota or a file-size limit: the user's to fix, and every write is atomic, so a rerun is safe.
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -46,11 +50,11 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         main(args)
     except (ParamsError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT)
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror}{where}. The disk (or a size limit) is full; every file is written atomically, so free some "
               "space and run the same command again: it continues from what was saved.", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT)

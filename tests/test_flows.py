@@ -28,9 +28,11 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, dvc, make_project, run
-from flows import dvc_tasks
-from flows.curate import CURATION_STAGES, curate
-from flows.dvc_tasks import PipelineError, pipeline_lock, read_dag, run_dvc_stage, select
+from flows import pipeline, stage_run
+from flows.curate import curate
+from flows.dag import PipelineError, read_dag, select
+from flows.pipeline import pipeline_lock
+from flows.stage_run import run_dvc_stage
 from flows.progressive_train import progressive_train
 from tiny_pipeline import TINY_PARAMS, make_tiny_project
 
@@ -157,6 +159,37 @@ def test_stage_outcome_and_whether_a_retry_can_help(tmp_path, code, outcome, ret
         assert run_dvc_stage(project, "s").outcome == "up to date"  # DVC, not the flow, decides
 
 
+# Loaded by every Python process started with this folder on PYTHONPATH: DVC's log records say the same
+# thing in other words (reversed), as a DVC release or a translation might.
+REWORDED_DVC_LOG = """
+import logging
+_make_record = logging.getLogRecordFactory()
+def _reworded(*args, **kwargs):
+    record = _make_record(*args, **kwargs)
+    if record.name.split(".")[0] in ("dvc", "dvc_data", "dvc_objects"):
+        record.msg, record.args = "dvc, reworded: " + record.getMessage()[::-1], ()
+    return record
+logging.setLogRecordFactory(_reworded)
+"""
+
+
+def test_outcome_is_dvcs_answer_not_its_log_text(tmp_path, monkeypatch):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(REWORDED_DVC_LOG)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    project = mini_project(tmp_path, "stages:\n  s:\n    cmd: python step.py\n    deps: [step.py]\n", {"step.py": "print('working')\n"})
+    ran = run_dvc_stage(project, "s")
+    assert ran.outcome == "ran" and "working" in ran.tail
+    assert "dvc, reworded: " + "Running stage 's':"[::-1] in ran.tail  # DVC's lines really did read differently
+    skipped = run_dvc_stage(project, "s")
+    assert skipped.outcome == "up to date"
+    assert not any("didn't change" in line for line in skipped.tail)
+    (project / "step.py").write_text("import sys; print('error: params.yaml: x.lr: must be > 0', file=sys.stderr); sys.exit(2)\n")
+    failed = run_dvc_stage(project, "s")
+    assert (failed.outcome, failed.retryable, failed.exit_status, failed.message) == ("failed", False, 2, "error: params.yaml: x.lr: must be > 0")
+
+
 def test_busy_dvc_repo_reads_already_running(tmp_path):
     project = mini_project(tmp_path, "stages:\n  slow:\n    cmd: sleep 8 && echo done > out.txt\n    outs: [out.txt]\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -230,7 +263,7 @@ def test_curate_flow_runs_the_curation_stages_only(trained):
     state = curate(project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
     dag = read_dag(project)
-    curation = [s.name for s in dag if s.group in CURATION_STAGES]
+    curation = [s.name for s in dag if s.group not in ("init", "train", "report")]
     assert [r.name for r in task_runs(state)] == curation  # in DAG order; no init, train@*, report
     assert {r["outcome"] for r in state.result()} == {"up to date"}
 
@@ -282,13 +315,13 @@ def test_preview_is_embedded_when_small_and_named_when_too_large(tmp_path):
 def test_set_params_edits_params_yaml_like_dvc_exp_run_keeping_comments(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     before = (tmp_path / "params.yaml").read_text()
-    dvc_tasks.apply_set_params(tmp_path, ["ingest.min_side_px=100", "+ingest.workers=1"])
+    pipeline.apply_set_params(tmp_path, ["ingest.min_side_px=100", "+ingest.workers=1"])
     after = (tmp_path / "params.yaml").read_text()
     assert yaml.safe_load(after)["ingest"] == {**yaml.safe_load(before)["ingest"], "min_side_px": 100, "workers": 1}
     comments = [line.split("#", 1)[1] for line in before.splitlines() if "#" in line]
     assert comments and all(c in after for c in comments)  # DVC's -S writer keeps the file's comments
     with pytest.raises(PipelineError, match=r"Could not override 'ingest\.min_side'"):
-        dvc_tasks.apply_set_params(tmp_path, ["ingest.min_side=1"])  # a typo is not silently added
+        pipeline.apply_set_params(tmp_path, ["ingest.min_side=1"])  # a typo is not silently added
 
 
 def test_bad_params_fail_the_flow_at_once_with_the_stages_message(prefect_api, tmp_path):
@@ -326,7 +359,7 @@ open("out.txt", "w").write("ok")
 
 
 def test_transient_failure_is_retried_with_backoff_then_completes(prefect_api, tmp_path, monkeypatch):
-    monkeypatch.setattr(dvc_tasks, "RETRY_DELAYS_S", [0])  # the policy is the module's; the wait is not the point here
+    monkeypatch.setattr(stage_run, "RETRY_DELAYS_S", [0])  # the policy is the module's; the wait is not the point here
     project = mini_project(tmp_path, "stages:\n  flaky:\n    cmd: python flaky.py\n    deps: [flaky.py]\n    outs: [out.txt]\n", {"flaky.py": FLAKY})
     state = progressive_train(project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
@@ -341,7 +374,7 @@ def test_second_run_is_turned_away_while_the_first_holds_the_pipeline(prefect_ap
         [sys.executable, "-m", "flows.progressive_train", "--project-dir", str(project)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        lock = project / ".dvc" / "tmp" / dvc_tasks.LOCK_NAME
+        lock = project / ".dvc" / "tmp" / pipeline.LOCK_NAME
         deadline = time.monotonic() + 90
         while not (lock.exists() and "flow run" in lock.read_text()):
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the pipeline lock"
