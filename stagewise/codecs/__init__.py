@@ -16,8 +16,10 @@ from stagewise.config import Section
 
 
 class CodecConfig(Section):
-    name: Literal["pixels", "taef2"] = "taef2"  # taef2: 8x smaller latents, so 512 px trains like 64 px
+    name: Literal["pixels", "taef2", "diffusers"] = "taef2"  # taef2: 8x smaller latents, so 512 px trains like 64 px
+    # taef2: folder with its weight files (None searches the default places); diffusers: hub id or folder
     weights: str | None = Field(None, description="folder with the codec's weight files; None searches the default places")
+    subfolder: str | None = None  # diffusers: the VAE's folder inside a pipeline layout, e.g. vae
     # Training sees (raw - shift) * scale. None takes the codec's own default (about zero mean, unit spread).
     shift: float | None = None
     scale: float | None = Field(None, gt=0)
@@ -69,6 +71,10 @@ def load_codec(cfg: CodecConfig, device: torch.device | str = "cpu") -> Codec:
         from stagewise.codecs.taef2 import load_taef2
 
         codec = load_taef2(cfg)
+    elif cfg.name == "diffusers":
+        from stagewise.codecs.diffusers import load_diffusers_codec
+
+        codec = load_diffusers_codec(cfg)
     else:  # unreachable: CodecConfig validates the name
         raise ValueError(f"unknown codec {cfg.name!r}")
     return codec.to(device).eval().requires_grad_(False)
