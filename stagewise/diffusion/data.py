@@ -90,6 +90,7 @@ class PhaseData:
         self.repeats = torch.tensor([subs[i].repeats if subs else 1.0 for i in train["subset"]], dtype=torch.float64)
         self.val_latents = from_rows(val).to(device)
         self.val_caption_index = torch.tensor([index[c] for c in val["caption"].fillna("")], device=device)
+        self.train_captions = list(train["caption"].fillna(""))
         self.counts = {name: int((train["subset"] == i).sum()) for i, name in enumerate(self.subset_names)}
         self.fingerprint = fingerprint(codec.id, cfg.resolution_px, [f"{d}:{s}:{int(f)}" for d, s, f in zip(train["domain"], train["sha256"], train["flipped"])])
         self._epochs: dict[int, torch.Tensor] = {}  # row indices of recent epochs

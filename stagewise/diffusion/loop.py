@@ -36,7 +36,7 @@ from stagewise.diffusion import model as dm
 from stagewise.diffusion.config import DiffusionConfig, PhaseConfig, phase_error
 from stagewise.diffusion.data import PhaseData
 from stagewise.diffusion.optim import load_optimizer_state, lr_factor, make_optimizer, optimizer_state
-from stagewise.diffusion.validate import sample_latents, validation_loss, write_samples
+from stagewise.diffusion.validate import sample_latents, target_for, validation_loss, write_samples
 from stagewise.io import sha256_file, write_json, write_text
 from stagewise.train import checkpoint as ckpt
 from stagewise.train.data import mix_seed
@@ -138,6 +138,8 @@ class PhaseTrainer:
         self.events: list[dict[str, Any]] = []
         self.sums: dict[str, torch.Tensor] = {}
         self.sum_steps = 0
+        self.pbar = tqdm(disable=True)  # run() shows the real one
+        self.clock = time.perf_counter()
         self.parent_sha256 = sha256_file(job.parent_dir / dm.UNET_FILE)
         self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint)
         self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
@@ -232,8 +234,9 @@ class PhaseTrainer:
             return clipped / (snr + 1)
         return clipped / snr.clamp_min(1e-8)
 
-    def loss(self, rows: torch.Tensor, micro: int, poison: bool) -> torch.Tensor:
-        """The weighted loss of one micro-batch (a 0-d tensor)."""
+    def draw(self, rows: torch.Tensor, micro: int, poison: bool = False) -> dict[str, torch.Tensor]:
+        """One micro-batch's inputs: clean latents, noise (+ offset noise), timesteps, caption indices
+        (dropped ones point at ""); every draw seeded from (seed, step, micro)."""
         cfg, data = self.cfg, self.data
         self.gen.manual_seed(mix_seed(cfg.seed, self.step_count, micro, 1))
         x0 = data.batch(rows)
@@ -245,14 +248,20 @@ class PhaseTrainer:
             noise = noise + cfg.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=self.gen, device=self.device)
         t = torch.randint(0, self.num_timesteps, (n,), generator=self.gen, device=self.device)
         keep = torch.rand(n, generator=self.gen, device=self.device) >= data.dropout[rows]
-        cond = self.embeddings[torch.where(keep, data.caption_index[rows], self.empty)]
+        return {"x0": x0, "noise": noise, "t": t, "caption": torch.where(keep, data.caption_index[rows], self.empty), "weight": data.loss_weight[rows]}
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return target_for(self.scheduler, self.cfg.prediction, x0, noise, t)
+
+    def loss(self, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted loss of one micro-batch (a 0-d tensor)."""
+        x0, noise, t = d["x0"], d["noise"], d["t"]
         noisy = self.scheduler.add_noise(x0, noise, t)
-        target = noise if cfg.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
         with self.autocast():
-            pred = self.unet(noisy, t, cond).sample
-        per_row = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-        weight = data.loss_weight[rows]
-        if cfg.snr_gamma is not None:
+            pred = self.unet(noisy, t, self.embeddings[d["caption"]]).sample
+        per_row = (pred.float() - self.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        weight = d["weight"]
+        if self.cfg.snr_gamma is not None:
             weight = weight * self.snr_weight(t)
         return (per_row * weight).mean()
 
@@ -267,7 +276,7 @@ class PhaseTrainer:
         for micro in range(accum):
             rows, e = self.data.indices((self.step_count * accum + micro) * batch, batch)
             epoch = epoch if micro else e
-            loss = self.loss(rows, micro, poison)
+            loss = self.loss(self.draw(rows, micro, poison))
             self.scaler.scale(loss / accum).backward()
             total = total + loss.detach() / accum
         if self.scaler.is_enabled():
