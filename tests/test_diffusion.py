@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import taef2_dir
+from conftest import ROOT, taef2_dir
 from stagewise.cli import StageError
 from stagewise.codecs import CodecConfig, load_codec
 from stagewise.config import ParamsError
@@ -220,9 +220,12 @@ def test_offset_noise_adds_a_constant_per_image_and_channel(work):
 
 
 def test_ema_halflife_in_kimg_does_not_depend_on_the_batch_size(work):
-    small, large = trainer(work, batch_size=2, ema_halflife_kimg=0.01), trainer(work, batch_size=8, ema_halflife_kimg=0.01)
-    assert small.ema.beta(2) ** 4 == pytest.approx(large.ema.beta(8))  # 8 images decay the same, in 4 steps or in 1
-    assert large.ema.beta(8) == pytest.approx(0.5 ** 0.8)
+    t = trainer(work, batch_size=2, ema_halflife_kimg=0.01)
+    assert t.ema.beta(2) ** 4 == pytest.approx(t.ema.beta(8)) and t.ema.beta(8) == pytest.approx(0.5 ** 0.8)  # 8 images decay the same, in 4 steps or 1
+    before = {k: v.clone() for k, v in t.ema.shadow.items()}
+    t.step()  # batch 2: the average moved by (1 - beta(2)) of the way to the new weights
+    name, p = next((n, p) for n, p in t.unet.named_parameters() if not torch.equal(p, before[n]))
+    assert torch.allclose(t.ema.shadow[name], before[name] + (1 - t.ema.beta(2)) * (p.detach() - before[name]), atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------- codecs
@@ -302,3 +305,43 @@ def test_bad_input_is_a_clear_error_naming_the_key(work, tmp_path):
     with pytest.raises(StageError, match=r"latents were made by codec pixels but the codec section gives taef2-"):
         PhaseTrainer(job)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- kill and resume
+
+RESUME = {**P1, "length_kimg": 0.032, "save_every_kimg": 0.008, "optimizer": "prodigy", "lr": 1.0, "lr_schedule": "cosine", "lr_warmup_kimg": 0.008,
+          "ema_halflife_kimg": 0.02, "offset_noise": 0.05, "snr_gamma": 5.0, "subsets": {"w": {"domain": "a", "repeats": 1.5, "caption_dropout": 0.3}, "m": {"domain": "b"}}}
+
+
+def test_killed_phase_resumes_bit_identical_to_an_uninterrupted_run(work):
+    """`python -m stages.diffuse` SIGKILLed after its first rolling backup, run again: the same weights, bit for bit
+    (UNet, EMA, Prodigy's state and d, data order with fractional repeats, timesteps, noise, dropout, LR schedule)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_train_resume import rolling_backups, wait_for
+
+    write_params(work, {"p1": RESUME})
+    reference = trainer(work, **{k: v for k, v in RESUME.items() if k not in P1 or P1[k] != v})  # in-process: the same code
+    reference.run()
+    cmd = [sys.executable, "-m", "stages.diffuse", "--phase", "p1", "--parent", "runs/init", "--text", "runs/init/text", "--cache", "cache/32", "--out", "runs/killed", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    backups = work / "runs" / "killed" / "backups"
+    try:
+        wait_for(lambda: rolling_backups(backups), 240, proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (work / "runs/killed/unet.safetensors").exists()
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line)["event"] for line in (work / "runs/killed/events.jsonl").read_text().splitlines()]
+    assert events.count("resumed") == 1 and events[-1] == "finished"
+    ours, theirs = load_file(str(work / "runs/killed/unet.safetensors")), load_file(str(reference.job.out_dir / "unet.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours, theirs = (json.loads((d / "metrics.json").read_text())["val"] for d in (work / "runs/killed", reference.job.out_dir))
+    assert ours == theirs

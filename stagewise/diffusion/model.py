@@ -12,6 +12,7 @@ vocabulary open_clip ships (``bpe_simple_vocab_16e6.txt.gz``), identical to open
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -134,8 +135,10 @@ def unet_from_config(config: dict[str, Any]):
     return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
+@functools.lru_cache(maxsize=2)
 def load_text(text_dir: Path, device: torch.device):
-    """The frozen text encoder (eval, no grad) and its tokenizer from ``runs/init/text``."""
+    """The frozen text encoder (eval, no grad) and its tokenizer from ``runs/init/text``; cached per process
+    (frozen, so phases built in one process can share it; the tokenizer's 49 k-entry vocabulary takes ~2 s)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if not (text_dir / "text_encoder").is_dir():
