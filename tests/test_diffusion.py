@@ -20,7 +20,7 @@ from stagewise.config import ParamsError
 from stagewise.diffusion.config import load_diffusion, parse_diffusion
 from stagewise.diffusion.loop import PhaseJob, PhaseTrainer, load_unet
 from stagewise.diffusion.optim import load_optimizer_state, lr_factor, make_optimizer, optimizer_state
-from tiny_diffusion import TINY_TEXT, TINY_UNET, params, tiny_sd_folder, tiny_vae, write_cache, write_params
+from tiny_diffusion import TINY_PHASE as TINY_PHASE_DEFAULTS, TINY_TEXT, TINY_UNET, params, tiny_sd_folder, tiny_vae, write_cache, write_params
 
 pytestmark = pytest.mark.skipif(taef2_dir() is None, reason="TAEF2 weights not on this machine (set STAGEWISE_MODELS)")
 P1 = {"parent": "init", "resolution_px": 32, "length_kimg": 0.016}
@@ -228,6 +228,18 @@ def test_ema_halflife_in_kimg_does_not_depend_on_the_batch_size(work):
     assert torch.allclose(t.ema.shadow[name], before[name] + (1 - t.ema.beta(2)) * (p.detach() - before[name]), atol=1e-7)
 
 
+def test_a_run_of_nan_steps_rolls_back_to_the_last_backup_with_a_lower_lr(work, monkeypatch):
+    monkeypatch.setenv("STAGEWISE_POISON_STEPS", "0,1")  # the batches of steps 0 and 1 turn NaN, once
+    t = trainer(work, guard={"max_bad_steps": 2})
+    start = {k: v.clone() for k, v in t.unet.state_dict().items()}
+    t.step(), t.step()
+    assert all(torch.equal(v, start[k]) for k, v in t.unet.state_dict().items())  # skipped: the weights never saw the NaN
+    metrics = t.run()
+    events = [e["event"] for e in t.events]
+    assert events.count("rollback") == 1 and events[-1] == "finished" and t.lr_scale == 0.5 and metrics["rollbacks"] == 1
+    assert all(torch.isfinite(v).all() for v in load_file(str(t.job.out_dir / "unet.safetensors")).values())
+
+
 # ------------------------------------------------------------------------------------------- codecs
 
 
@@ -345,3 +357,42 @@ def test_killed_phase_resumes_bit_identical_to_an_uninterrupted_run(work):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     ours, theirs = (json.loads((d / "metrics.json").read_text())["val"] for d in (work / "runs/killed", reference.job.out_dir))
     assert ours == theirs
+
+
+def test_the_sd15_xlsd_profile_is_a_valid_recipe():
+    import yaml
+
+    profile = yaml.safe_load((ROOT / "profiles" / "sd15-xlsd.yaml").read_text())
+    cfg = parse_diffusion(profile["diffusion"])
+    assert [(n, p.resolution_px, p.optimizer) for n, p in cfg.stages.items()] == [("p256", 256, "prodigy"), ("p512", 512, "lion"), ("p512_people", 512, "lion")]
+    assert cfg.stages["p512"].ema_halflife_kimg and cfg.model.pretrained and CodecConfig(**profile["codec"]).name == "diffusers"
+    assert set(r for r in profile["cache"]["resolutions"]) >= {p.resolution_px for p in cfg.stages.values()}
+
+
+@pytest.mark.slow  # ~4 stage processes at ~20 s of imports each on a busy 2-core machine
+def test_dvc_reruns_only_the_edited_phase_and_its_descendants(tmp_path):
+    import re
+
+    import yaml
+
+    from conftest import dvc, make_project, set_params
+
+    recipe = {"p1": P1, "p2": {**P1, "parent": "p1"}, "q": {**P1, "subsets": {"b": {"domain": "b"}}}}
+    project = make_project(tmp_path / "project", {"codec": {"name": "taef2"}, "diffusion": {"model": {"unet": TINY_UNET, "text_encoder": TINY_TEXT}}})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["diffusion"]["defaults"], params["diffusion"]["stages"] = TINY_PHASE_DEFAULTS, recipe  # replaced, not merged
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dag = yaml.safe_load((project / "dvc.yaml").read_text())
+    dag["stages"] = {k: v for k, v in dag["stages"].items() if k in ("diffuse_init", "diffuse")}
+    dag.pop("plots", None)
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
+    write_cache(project / "data" / "cache", load_codec(CodecConfig()), 32)
+    ran = lambda proc: re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)  # noqa: E731
+    assert ran(dvc(project, "repro")) == ["diffuse_init", "diffuse@p1", "diffuse@p2", "diffuse@q"]
+    for phase in recipe:
+        metrics = json.loads((project / "runs" / phase / "metrics.json").read_text())
+        assert {"t100", "t500", "t900"} <= set(metrics["val"]["raw"]) and (project / "runs" / phase / "samples.png").exists()
+        assert list((project / "runs" / phase / "backups").glob("*/end-*.json"))
+    set_params(project / "params.yaml", {"diffusion": {"stages": {"p1": {"lr": 0.002}}}})
+    assert ran(dvc(project, "repro")) == ["diffuse@p1", "diffuse@p2"]
+    assert "Data and pipelines are up to date." in dvc(project, "status").stdout

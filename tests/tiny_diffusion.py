@@ -22,13 +22,13 @@ TINY_UNET = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_typ
 TINY_TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
 
 
-def write_cache(root: Path, codec: Codec, resolution_px: int = 32, flip: bool = True) -> Path:
+def write_cache(root: Path, codec: Codec, resolution_px: int = 32, flip: bool = True, captions: dict[str, list[str]] | None = None) -> Path:
     """Smooth random images encoded by ``codec`` at ``resolution_px``, three per domain, with captions."""
     out = root / str(resolution_px)
     writer = ShardWriter(out)
     gen = torch.Generator().manual_seed(0)
-    for domain, captions in CAPTIONS.items():
-        for i, caption in enumerate(captions):
+    for domain, texts in (captions or CAPTIONS).items():
+        for i, caption in enumerate(texts):
             image = F.interpolate(torch.rand(1, 3, 4, 4, generator=gen), size=(resolution_px, resolution_px), mode="bilinear", align_corners=False)
             sha = hashlib.sha256(f"{domain}{i}".encode()).hexdigest()
             for flipped in (False, True) if flip else (False,):

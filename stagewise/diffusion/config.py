@@ -43,8 +43,8 @@ class ModelSpec(Section):
     # the codec. Tiny defaults: a CPU demo, not a model worth sampling.
     unet: dict[str, Any] = Field(
         default_factory=lambda: dict(
-            block_out_channels=[32, 64], layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=8, norm_num_groups=16,
+            block_out_channels=[32, 64], layers_per_block=1, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=8, norm_num_groups=16,
         )
     )
     text_encoder: TextEncoderSpec = TextEncoderSpec()

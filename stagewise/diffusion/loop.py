@@ -42,7 +42,7 @@ from stagewise.train import checkpoint as ckpt
 from stagewise.train.data import mix_seed
 from stagewise.train.ema import EMA
 from stagewise.train.guard import NanGuard, skip_if_not_finite
-from stagewise.train.loop import write_history
+from stagewise.train.loop import _next, write_history  # the autoencoder loop's cadence and history.tsv writer
 from stagewise.train.recipe import INIT
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,6 @@ class PhaseJob:
     @property
     def cfg(self) -> PhaseConfig:
         return self.diffusion.stages[self.name]
-
-
-def _next(images: int, every_kimg: float | None) -> float:
-    """The next multiple of ``every_kimg`` after ``images`` (a pure function of progress: resume-safe)."""
-    if not every_kimg:
-        return float("inf")
-    every = max(1, round(every_kimg * 1000))
-    return (images // every + 1) * every
 
 
 def load_unet(folder: Path, device: torch.device):
