@@ -1,7 +1,7 @@
 """The project's own pipeline at its smallest: every stage of dvc.yaml runs, in seconds each.
 
 Used by the orchestration tests (test_flows.py, test_dvc_ops.py), which need the whole DAG -- curation,
-cache, init, a recipe with `lrd` in the middle, report -- but not a model worth looking at.
+cache, init, a recipe with `lrd` in the middle, a diffusion phase, report -- but not a model worth looking at.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from conftest import make_project
+from tiny_diffusion import TINY_PHASE, TINY_TEXT, TINY_UNET
 
 TINY_PARAMS = {
     # 6 crops per domain: the fewest the sample's defects are made from (duplicate of #4, tiny from #5)
@@ -18,7 +19,10 @@ TINY_PARAMS = {
     "codec": {"name": "pixels"},  # no weights, no encoder time
     "cache": {"resolutions": [16]},  # one resolution: the recipe below does not grow
     "model": {"resolution_px": 16, "bottleneck_px": 4, "channel_base": 64, "channel_max": 16, "channel_min": 8, "ae_dims": 32},
+    "diffusion": {"model": {"unet": TINY_UNET, "text_encoder": TINY_TEXT}, "defaults": TINY_PHASE},
 }
+# One diffusion phase on the same 16 px cache, so the DAG has diffuse_init and a diffuse@ stage too.
+TINY_DIFFUSION_RECIPE = {"d16": {"parent": "init", "resolution_px": 16, "length_kimg": 0.008}}
 TINY_DEFAULTS = {"batch_size": 4, "lr": 0.002, "log_every_kimg": 0.008, "save_every_kimg": 0.016, "holdout_per_domain": 1, "preview_rows": 1}
 # Two stages, so editing lrd has something downstream (gan, then report) and something upstream (init,
 # the cache and all curation) that must not rerun.
@@ -37,5 +41,6 @@ def make_tiny_project(dest: Path, sample: bool = True) -> Path:
     params = yaml.safe_load(params_file.read_text())
     params["train"]["defaults"] = TINY_DEFAULTS
     params["train"]["stages"] = TINY_RECIPE
+    params["diffusion"]["stages"] = TINY_DIFFUSION_RECIPE
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     return project

@@ -24,6 +24,10 @@ def load_codec(cfg: CodecConfig, device: torch.device | str = "cpu") -> Codec:
         from stagewise.codecs.taef2 import load_taef2
 
         codec = load_taef2(cfg)
+    elif cfg.name == "diffusers":
+        from stagewise.codecs.diffusers import load_diffusers_codec
+
+        codec = load_diffusers_codec(cfg)
     else:  # unreachable: CodecConfig validates the name
         raise ValueError(f"unknown codec {cfg.name!r}")
     return codec.to(device).eval().requires_grad_(False)

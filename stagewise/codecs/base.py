@@ -12,8 +12,10 @@ from stagewise.config import Section
 
 
 class CodecConfig(Section):
-    name: Literal["pixels", "taef2"] = "taef2"  # taef2: 8x smaller latents, so 512 px trains like 64 px
+    name: Literal["pixels", "taef2", "diffusers"] = "taef2"  # taef2: 8x smaller latents, so 512 px trains like 64 px
+    # taef2: folder with its weight files (None searches the default places); diffusers: hub id or folder
     weights: str | None = Field(None, description="folder with the codec's weight files; None searches the default places")
+    subfolder: str | None = None  # diffusers: the VAE's folder inside a pipeline layout, e.g. vae
     # Training sees (raw - shift) * scale. None takes the codec's own default (about zero mean, unit spread).
     shift: float | None = None
     scale: float | None = Field(None, gt=0)
