@@ -13,7 +13,7 @@ cost (target: under 5 %). Process start-up (importing torch and transformers, ~5
 either figure: a stage pays it once per run, whatever the number of images.
 
 Images: the embedded sample (48 crops + its deliberate defects), ../shared/datasets/dreambooth when it
-exists (117 photos at 640 px), then `stagewise.faults.make_good` photos at 512 px up to --images.
+exists (117 photos at 640 px), then `harness.faults.make_good` (tests/harness) photos at 512 px up to --images.
 The tiny models are those the tests build (tests/tiny_models.py): the model figures measure the
 pipeline around a model (decode, batching, overlap, memo, Parquet), not a real VLM's speed.
 
@@ -44,13 +44,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the same tiny model builders the tests use
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models and harness.faults: the tests' own builders
 
 from stagewise.curation.caption import CaptionConfig, caption_dataset, finish_captions, make_captioner  # noqa: E402
 from stagewise.curation.ingest import IngestConfig, ingest, scan  # noqa: E402
 from stagewise.curation.vlm import VlmConfig, filter_images  # noqa: E402
 from stagewise.curation.watermark import WatermarkConfig, score_images  # noqa: E402
-from stagewise.faults import make_good  # noqa: E402
+from harness.faults import make_good  # noqa: E402
 from stagewise.io import write_parquet  # noqa: E402
 from stagewise.sample import SampleConfig, build_sample  # noqa: E402
 

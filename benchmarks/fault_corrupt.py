@@ -1,6 +1,6 @@
 """Malformed images mixed into good ones, through the whole curation chain and the latent cache.
 
-Builds two domain folders holding ``--per-kind`` files of every kind in ``stagewise.faults`` (truncated
+Builds two domain folders holding ``--per-kind`` files of every kind in ``tests/harness/faults.py`` (truncated
 at random offsets, bit flips, wrong extension, zero bytes, 1x1, a 40 000 x 40 000 PNG header, CMYK,
 16-bit, palette with transparency, animated GIF, EXIF-rotated, symlink loop, unreadable permissions,
 non-UTF-8 file name) plus ``--good`` valid photos, then runs the real stage entry points in the order
@@ -9,7 +9,7 @@ process, and checks:
 
 - no stage crashes (exit 0, no traceback);
 - the manifest has exactly one row per file in the folders, each `kept` or `rejected` with a reason;
-- every kind lands where ``stagewise.faults.EXPECTED`` says (a bit flip may go either way);
+- every kind lands where ``harness.faults.EXPECTED`` says (a bit flip may go either way);
 - every good image is kept all the way into the dataset and the cache, and the cache holds each
   (image, flip) key exactly once;
 - the domain folders are byte-for-byte, mtime-for-mtime as they were.
@@ -37,9 +37,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-from stagewise.faults import EXPECTED, expected_for, make_corpus, make_good
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the corpus of malformed files, shared with the tests
+
+from harness.faults import EXPECTED, expected_for, make_corpus, make_good  # noqa: E402
+
 CACHE_PX = 32
 
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +22,20 @@ import pyarrow.parquet as pq
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # what partial_write_pattern matches
+
+
+def partial_write_pattern(names: str = "*") -> re.Pattern[str]:
+    """The temp names ``atomic_path`` gives the files that ``names`` (a glob with ``*`` and ``?``) matches."""
+    glob = re.escape(names).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.compile(rf"^\.{glob}\.tmp-\d+-[0-9a-f]{{8}}$")
 
 
 def remove_partial_writes(folder: Path, names: str = "*") -> int:
     """Delete the temp files ``atomic_path`` left in ``folder`` for ``names`` (a glob) when a kill interrupted
     the write. Only for a folder with one writer at a time (DVC's lock): a live writer's temp file matches too."""
-    leftovers = list(folder.glob(f".{names}.tmp-*")) if folder.is_dir() else []
+    pattern = partial_write_pattern(names)
+    leftovers = [p for p in folder.glob(f".{names}.tmp-*") if pattern.match(p.name)] if folder.is_dir() else []
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -34,7 +34,7 @@ BASE_PARAMS = {"ingest": {"min_side_px": 8}, "codec": {"name": "pixels"}, "train
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A project that a good params.yaml trains and ingests: a 16 px cache, an init model, two photo folders."""
-    from stagewise.faults import make_good
+    from harness.faults import make_good
 
     root = tmp_path_factory.mktemp("bad_params")
     write_cache(root / "cache", 16)

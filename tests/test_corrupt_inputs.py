@@ -2,8 +2,8 @@
 
 import os
 
+from harness.faults import expected_for, make_corpus, make_good
 from stagewise.curation.ingest import IngestConfig, ingest
-from stagewise.faults import expected_for, make_corpus, make_good
 
 
 def test_every_corrupt_kind_is_classified_and_good_images_kept(tmp_path):

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from stagewise.faults import make_good
+from harness.faults import make_good
 from stagewise.train import checkpoint as ckpt
 from test_trainer import TINY_DEFAULTS, write_cache, write_init
 

@@ -1,8 +1,8 @@
 """Kill test, small: SIGKILL a real `dvc repro` (the process group: DVC and its stage) while `cache@16`
 writes a shard, then again inside a training checkpoint save, and run it to the end. Nothing on disk may
 be unreadable, the cache must hold every key once, and the stage must resume from the newest complete
-backup and end bit-identical to an uninterrupted run. benchmarks/fault_kill.py is the full version
-(random moments, the whole tiny pipeline, several trials)."""
+backup and end bit-identical to an uninterrupted run. The harness (tests/harness/kill.py) is shared with
+benchmarks/fault_kill.py, the full version (random moments, the whole tiny pipeline, several trials)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, dvc, make_project, run
+from conftest import dvc, make_project, run
+from harness import kill as fk
 from stagewise.io import write_parquet
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import fault_kill as fk  # noqa: E402
 
 LENGTH, INTERVAL = 160, 16  # images in the stage, images between rolling backups (2 steps of 8)
 PARAMS = {
@@ -78,7 +76,7 @@ def test_dvc_repro_killed_in_a_shard_write_and_in_a_checkpoint_save_recovers(tmp
 
     final = fk.Repro(project, tmp_path / "final.log")
     assert final.wait(timeout=300) == 0, final.log()[-3000:]
-    fk.settle_training_kill(save_kill, final.log(), setup)
+    fk.settle_training_kill(save_kill, project, setup)
     # Resumed from the newest complete backup there was at the kill: at most one save interval lost.
     assert save_kill.resumed_from is not None and save_kill.resumed_from >= save_kill.newest_backup
     assert save_kill.lost is not None and save_kill.lost <= INTERVAL
@@ -119,3 +117,18 @@ def test_partial_writes_are_removed_and_complete_backups_kept(tmp_path):
         path.write_bytes(b"x")
     assert backups.remove_partial_writes() == 2
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+
+
+def test_the_harness_knows_temp_files_by_the_writers_own_names(tmp_path):
+    """The harness takes temp-file names from stagewise.io and the checkpoint module, so a renamed temp file
+    cannot make it count (or clean) nothing."""
+    from stagewise.io import atomic_path
+    from stagewise.train.checkpoint import partial_write
+
+    for name, watched in (("shard-00003.parquet", fk.SHARD_TEMP), ("rolling-000000000064.json", fk.backup_temp)):
+        with atomic_path(tmp_path / "runs" / name) as tmp:
+            tmp.write_bytes(b"x")
+            assert watched(tmp.name) and partial_write(tmp.name) and fk.temp_files(tmp_path) == [tmp]
+        assert fk.temp_files(tmp_path) == []
+        assert not watched(name) and not partial_write(name)
+    assert not fk.SHARD_TEMP(".rolling-000000000064.json.tmp-1-deadbeef")

@@ -28,14 +28,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stagewise.io import atomic_path, remove_partial_writes, write_json
+from stagewise.io import atomic_path, partial_write_pattern, remove_partial_writes, write_json
 from stagewise.models.autoencoder import Autoencoder, build
 
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
 KEPT_KINDS = ("start", "end")  # never pruned: the stage boundaries (and so every freeze change)
-_BACKUP = re.compile(r"^(rolling|start|end)-(\d{12})\.json$")
+BACKUP_NAME = re.compile(r"^(rolling|start|end)-(\d{12})\.json$")  # a backup's JSON, the tensors beside it
 # The ``.tmpXXXXXX`` that safetensors' save_file writes before renaming it to the name it was given.
-_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9_]{6}$")
+SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9_]{6}$")
+
+
+def partial_write(name: str) -> bool:
+    """A temp file of a save in progress or interrupted: safetensors' own, or stagewise.io's around it."""
+    return bool(SAFETENSORS_TMP.match(name) or partial_write_pattern().match(name))
 
 
 class NonFiniteError(RuntimeError):
@@ -148,7 +153,7 @@ class Backups:
         found = []
         if self.folder.exists():
             for path in self.folder.glob("*.json"):
-                match = _BACKUP.match(path.name)
+                match = BACKUP_NAME.match(path.name)
                 if match and path.with_suffix(".safetensors").exists():
                     found.append(Backup(match[1], int(match[2]), path))
         return sorted(found, key=lambda b: (b.images_seen, b.kind != "rolling"))
@@ -157,7 +162,7 @@ class Backups:
         """Delete temp files of saves a kill interrupted: never valid backups, each up to a backup's size, and
         named by a dead process, so nothing else would ever remove them. A stage's backups folder has one
         writer at a time (DVC's lock, or one `python -m stages.train` per stage)."""
-        leftovers = [p for p in self.folder.glob(".tmp*") if _SAFETENSORS_TMP.match(p.name)] if self.folder.is_dir() else []
+        leftovers = [p for p in self.folder.glob(".tmp*") if SAFETENSORS_TMP.match(p.name)] if self.folder.is_dir() else []
         for path in leftovers:
             path.unlink(missing_ok=True)
         return len(leftovers) + remove_partial_writes(self.folder)
