@@ -343,7 +343,7 @@ def test_killed_phase_resumes_bit_identical_to_an_uninterrupted_run(work):
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     backups = work / "runs" / "killed" / "backups"
     try:
-        wait_for(lambda: rolling_backups(backups), 240, proc)
+        wait_for(lambda: rolling_backups(backups), 480, proc)  # imports alone take 20-60 s on a busy 2-core machine
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
