@@ -25,7 +25,13 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     staging = out / ".text-staging"
     shutil.rmtree(staging, ignore_errors=True)
-    unet, scheduler = dm.build_init(cfg.model, codec.channels, staging)  # every check before anything is published
+    try:
+        unet, scheduler = dm.build_init(cfg.model, codec.channels, staging)  # every check before anything is published
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build leaves nothing behind
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     shutil.rmtree(out / dm.TEXT_DIR, ignore_errors=True)
     staging.rename(out / dm.TEXT_DIR)
     meta = {"phase": "init", "codec_id": codec.id, "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},

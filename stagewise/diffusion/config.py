@@ -134,8 +134,12 @@ class PhaseConfig(Section):
         return round(self.length_kimg * 1000)
 
     def resume_fingerprint_fields(self) -> dict[str, Any]:
-        """What a backup must share to be resumed (length, cadence, validation and samples are not)."""
-        skip = {"length_kimg", "save_every_kimg", "backups_kept", "log_every_kimg", "validation", "samples"}
+        """What a backup must share to be resumed (cadence, validation and samples are not). The length is
+        not either -- a lengthened phase continues from its end backup -- unless a cosine schedule is
+        stretched by it, which changes every step's LR."""
+        skip = {"save_every_kimg", "backups_kept", "log_every_kimg", "validation", "samples"}
+        if self.lr_schedule == "constant":
+            skip.add("length_kimg")
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 
