@@ -54,10 +54,9 @@ def test_the_plan_is_a_pure_frozen_value():
 
 
 def test_the_step_trains_with_the_schedule(tmp_path):
-    for res in (16, 32):
-        write_cache(tmp_path / "cache", res)
+    write_cache(tmp_path / "cache", 32, per_domain=3)
     write_init(tmp_path / "runs" / "init")
-    train = train_cfg({"g": stage(px=32, fade_in_kimg=0.04, lr_warmup_kimg=0.08, gan_power=0.1)})
+    train = train_cfg({"g": stage(px=32, fade_in_kimg=0.04, lr_warmup_kimg=0.08, batch_size=2)})
     trainer = StageTrainer(job(tmp_path, "g", train))
     trainer.pbar = loop_module.tqdm(disable=True)
     for _step in range(2):
@@ -65,5 +64,5 @@ def test_the_step_trains_with_the_schedule(tmp_path):
         trainer.step()
         assert trainer.model.fade == plan.fade < 1.0
         assert [g["lr"] for g in trainer.state.opt.param_groups] == [plan.lr]
-        assert [g["lr"] for g in trainer.state.d_opt.param_groups] == [plan.d_lr]
-    assert trainer.state.opt.param_groups[0]["lr"] == pytest.approx(train.stages["g"].lr * 9 / 80)  # (8 + 1) / 80 of the ramp
+        assert [g["eps"] for g in trainer.state.opt.param_groups] == [plan.eps]
+    assert trainer.state.opt.param_groups[0]["lr"] == pytest.approx(train.stages["g"].lr * 5 / 80)  # (4 + 1) / 80 of the ramp
