@@ -27,7 +27,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(VENV)/bin/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	@touch $@
 
+# The embedded sample is an input folder like a user's (params.yaml data.domains), not a DVC stage: it is
+# built here, first, and only when its settings changed.
 demo: install
+	python -m stages.sample --out data/sample
 	dvc repro
 	@echo "Done. Manifest: data/curated/manifest.parquet; latents: data/cache/; runs/: models and previews."
 

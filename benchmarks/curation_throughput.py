@@ -46,8 +46,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the same tiny model builders the tests use
 
-from stagewise.curation.caption import CaptionConfig, caption_dataset, make_captioner  # noqa: E402
-from stagewise.curation.captioners import finish_captions  # noqa: E402
+from stagewise.curation.caption import CaptionConfig, caption_dataset, finish_captions, make_captioner  # noqa: E402
 from stagewise.curation.ingest import IngestConfig, ingest, scan  # noqa: E402
 from stagewise.curation.vlm import VlmConfig, filter_images  # noqa: E402
 from stagewise.curation.watermark import WatermarkConfig, score_images  # noqa: E402
@@ -117,19 +116,19 @@ def serial_baseline(chain: Chain, stage: str) -> tuple[float, float]:
     """(decode + prepare seconds, model seconds) of the stage's images done one after the other in one
     thread: what the stage would cost if decoding and preprocessing did not overlap the model."""
     from stagewise.curation.caption import ImageRef
-    from stagewise.curation.vlm import _ask_batch, _load_checked, load_for
-    from stagewise.images import load_rgb
+    from stagewise.curation.vlm import _ask_batch, load_for
+    from stagewise.images import load_verified
 
     manifest = chain.frames["manifest"]
     rows = list(manifest[manifest["status"] == "kept"].itertuples(index=False))
     if stage == "vlm_filter":
         cfg = VlmConfig(model=str(chain.models["vqa"]), batch_size=8)
         model = load_for(cfg)
-        load, run = (lambda row: model.prepare(_load_checked(row, cfg.max_pixels))), (lambda imgs, _rows: _ask_batch(model, imgs, cfg))
+        load, run = (lambda row: model.prepare(load_verified(row.path, row.sha256, cfg.max_pixels))), (lambda imgs, _rows: _ask_batch(model, imgs, cfg))
         batch_size = cfg.batch_size
     else:
         captioner = make_captioner(CaptionConfig(captioner="transformers", model=str(chain.models["caption"]), max_new_tokens=20))
-        load = lambda row: captioner.prepare(load_rgb(row.path, 8192 * 8192))  # noqa: E731
+        load = lambda row: captioner.prepare(load_verified(row.path, row.sha256, 8192 * 8192))  # noqa: E731
         run = lambda imgs, batch: captioner.caption(imgs, [ImageRef(r.path, r.domain, r.sha256) for r in batch])  # noqa: E731
         batch_size = 16
     decode_s = model_s = 0.0

@@ -1,6 +1,6 @@
 """The `curate` flow: the curation half of the pipeline, from raw folders to the latent cache.
 
-Runs the curation stages that this pipeline has (sample, ingest, watermark, near_dup, vlm_filter,
+Runs the curation stages that this pipeline has (domains, ingest, watermark, near_dup, vlm_filter,
 caption, cache@<res>) and whatever they depend on, in DAG order, one Prefect task per DVC stage. Deployed as
 `curate/default`.
 """
@@ -15,7 +15,7 @@ from flows.dvc_tasks import run_pipeline
 
 # Stage names (or foreach groups) of the curation half; those the pipeline lacks are skipped. A curation
 # stage added later between these runs too, unlisted: it is upstream of `caption` or `cache`.
-CURATION_STAGES = ["sample", "ingest", "watermark", "near_dup", "vlm_filter", "caption", "cache"]
+CURATION_STAGES = ["domains", "ingest", "watermark", "near_dup", "vlm_filter", "caption", "cache"]
 
 
 @flow(name="curate", persist_result=False)

@@ -14,6 +14,9 @@ from stagewise.cache import CacheConfig, read_dataset, update_cache
 from stagewise.codecs import CodecConfig, load_codec
 from stagewise.config import load_section
 from stagewise.device import pick_device
+from stagewise.domains import DOMAINS
+from stagewise.io import write_json
+from stagewise.report import rejection_reasons
 
 log = logging.getLogger("stages.cache")
 
@@ -33,6 +36,7 @@ def main(args: argparse.Namespace) -> None:
         dataset = read_dataset(args.dataset)
     except (FileNotFoundError, ValueError) as exc:
         raise cli.StageError(str(exc)) from None
+    check_every_domain_kept(dataset, Path(args.dataset))
     device = pick_device(cfg.device)
     codec = load_codec(codec_cfg, device)
     try:
@@ -42,8 +46,29 @@ def main(args: argparse.Namespace) -> None:
     log.info("caching %d images at %d px with %s on %s into %s", len(dataset), args.resolution, codec.id, device, args.out)
     result = update_cache(dataset, Path(args.out), args.resolution, codec, cfg, device)
     log.info("%s", result.summary())
+    if args.stats:  # what this run did, in rows: `dvc metrics show` lists it per resolution
+        write_json(args.stats, {
+            "rows_encoded": result.encoded, "images_encoded": result.images_encoded, "rows_reused": result.reused,
+            "rows_pruned": result.pruned, "rows_relabelled": result.relabelled, "images_failed": len(result.failed),
+            "shards_rewritten": len(result.rewritten_shards), "shards_new": len(result.new_shards),
+        })  # fmt: skip
     for path, reason in sorted(result.failed.items()):
         log.warning("failed: %s: %s", path, reason)
+
+
+def check_every_domain_kept(dataset, dataset_path: Path) -> None:
+    """The model trains on both domains: one with no image left after curation is a data problem to fix
+    before encoding anything, so say how many of its files each curation step rejected and why."""
+    empty = [d for d in DOMAINS if not (dataset["domain"] == d).any()]
+    if not empty:
+        return
+    lines = []
+    for domain in empty:
+        reasons = rejection_reasons(dataset_path.parent, domain)
+        counted = "; ".join(f"{step}.parquet: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) for step, kinds in reasons.items())
+        lines.append(f"domain {domain} (params.yaml data.domains.{domain}) has no image left after curation in {dataset_path}"
+                     + (f"; rejected in {counted}" if counted else "; its folder held no candidate file"))
+    raise cli.StageError("\n".join(lines) + "\nAdd usable images to that folder (or relax the step's params) and run `dvc repro` again.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, required=True, help="image size in pixels (square centre crop), one of cache.resolutions")
     parser.add_argument("--dataset", required=True, help="the curated dataset Parquet (path, domain, sha256, caption, ...)")
     parser.add_argument("--out", required=True, help="cache folder for this resolution; updated in place (a DVC persist output)")
+    parser.add_argument("--stats", default=None, metavar="JSON", help="also write what this run did (rows encoded, reused, pruned, relabelled)")
     return parser
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from stagewise import cli
 from stagewise.config import load_section
-from stagewise.curation.caption import CaptionConfig, FilterError, caption_dataset, make_captioner
-from stagewise.curation.captioners import finish_captions
+from stagewise.curation.caption import CaptionConfig, FilterError, caption_dataset, finish_captions, make_captioner
 from stagewise.io import write_parquet
 
 log = logging.getLogger("stages.caption")

@@ -1,7 +1,8 @@
 """Train one stage of the recipe (params.yaml train.stages.<name>) from its parent's model.
 
 To resume after a kill, run the same command again: it continues from the newest good backup in
---backups made with the same config and parent. Writes model.safetensors, meta.json, metrics.json,
+--backups made with the same config, parent, cache rows and code (a changed loss, warp or model
+trains from the parent again). Writes model.safetensors, meta.json, metrics.json,
 history.tsv, preview.png and events.jsonl to --out.
 """
 

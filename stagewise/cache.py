@@ -6,7 +6,8 @@ resize policy). A rerun
 
 - encodes only the keys that are missing (new images, or all of them after a codec change),
 - rewrites only the shards holding rows that are no longer wanted (image gone, stale fingerprint, flip
-  turned off) or whose caption / domain changed: captions never force a re-encode,
+  turned off) or whose caption / domain changed: captions never force a re-encode; and shards in an
+  older file layout (``latents.needs_relayout``), copied row for row into the streaming one,
 - never writes a key twice: each key lives in exactly one shard, every shard write is an atomic
   replace of one file, and new rows go to new shards or to the newest, partly filled shard (replaced
   whole). A killed run leaves whole shards; running again continues where it stopped.
@@ -17,12 +18,9 @@ inference mode, channels-last, on the device ``pick_device`` chooses.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +35,9 @@ from tqdm import tqdm
 from stagewise.codecs import Codec
 from stagewise.config import Section, fingerprint
 from stagewise.images import ImageError, center_square, decode, read_file
-from stagewise.io import remove_partial_writes, write_parquet
-from stagewise.latents import SCHEMA, SHARD_GLOB, ShardWriter, read_index, shard_number, to_bytes
+from stagewise.io import remove_partial_writes
+from stagewise.latents import SHARD_GLOB, ShardWriter, needs_relayout, read_index, shard_number, to_bytes, write_shard
+from stagewise.store import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -188,23 +187,6 @@ def load_unit(unit: Unit, resolution: int) -> list[np.ndarray] | str:
     return [np.ascontiguousarray(pixels[:, ::-1]) if flipped else pixels for flipped in unit.flips]
 
 
-def prefetched(batches: Iterable[list[Unit]], load: Callable[[Unit], object], workers: int, ahead: int = 2) -> Iterator[tuple[list[Unit], list]]:
-    """Yield (batch, its loaded units) in order while the next ``ahead`` batches load in threads."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="cache-decode")
-    pending: deque[tuple[list[Unit], list[Future]]] = deque()
-    try:
-        for batch in batches:
-            pending.append((batch, [pool.submit(load, u) for u in batch]))
-            if len(pending) > ahead:
-                done, futures = pending.popleft()
-                yield done, [f.result() for f in futures]
-        while pending:
-            done, futures = pending.popleft()
-            yield done, [f.result() for f in futures]
-    finally:  # also on an exception in the consumer: drop what has not started
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def make_units(todo: pd.DataFrame) -> list[Unit]:
     units = []
     for sha, group in todo.groupby("sha256", sort=False):
@@ -256,6 +238,9 @@ def update_cache(
     wanted = wanted_rows(dataset, cfg.flip)
     index = read_index(root)
     plan = plan_update(index, wanted, current_fp)
+    for shard in sorted(root.glob(SHARD_GLOB)):  # written by older code: rewritten for streaming, never re-encoded
+        if shard.name not in plan.dirty and needs_relayout(shard):
+            plan.dirty[shard.name] = plan.keep[plan.keep["shard"] == shard.name]
     result = CacheResult(reused=len(plan.keep), pruned=len(index) - len(plan.keep), relabelled=plan.relabelled)
     shard_bytes = int(cfg.shard_mb * 2**20)
     writer = ShardWriter(root, shard_bytes)
@@ -276,7 +261,7 @@ def update_cache(
         if name == reopen:
             continue
         if len(rows):
-            write_parquet(root / name, pa.Table.from_pylist(_kept_rows(root, name, rows), schema=SCHEMA))
+            write_shard(root / name, _kept_rows(root, name, rows))
         else:
             (root / name).unlink()
         result.rewritten_shards.append(name)

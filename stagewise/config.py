@@ -45,10 +45,11 @@ def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     return params
 
 
-# The top-level sections of params.yaml: one per pipeline stage (or shared setting). A key outside this
+# The top-level sections of params.yaml: one per pipeline stage (or shared setting; `data` holds the
+# user's input folders, stagewise.domains.DataConfig). A key outside this
 # list is a misspelling (``trian:``) that would otherwise be silently ignored while the stage ran on its
 # defaults; every stage entry point rejects it (``check_sections``, called by ``stagewise.cli.run``).
-SECTIONS = ("sample", "ingest", "watermark", "near_dup", "vlm_filter", "caption", "codec", "cache", "model", "train", "report")
+SECTIONS = ("data", "sample", "ingest", "watermark", "near_dup", "vlm_filter", "caption", "codec", "cache", "model", "train", "report")
 
 
 def check_sections(path: Path | str = DEFAULT_PARAMS, sections: tuple[str, ...] = SECTIONS) -> None:

@@ -94,13 +94,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_verified(path: Path | str, sha256_hex: str, max_pixels: int) -> Image.Image:
-    """Decode a file that ingest accepted, after checking it still has the manifest's sha256: a result
-    memoised by content hash must be computed from that content, not from a file edited since."""
+def read_verified(path: Path | str, sha256_hex: str) -> bytes:
+    """The bytes of a file, after checking they still have the manifest's sha256: a result memoised by
+    content hash must be computed from that content, not from a file edited since."""
     data = read_file(path)
     if hashlib.sha256(data).hexdigest() != sha256_hex:
         raise ImageError("changed since ingest: content differs from the manifest's sha256 (rerun ingest)")
-    return decode(data, max_pixels)[0]
+    return data
+
+
+def load_verified(path: Path | str, sha256_hex: str, max_pixels: int) -> Image.Image:
+    """Decode a file that ingest accepted, after checking its content hash (``read_verified``)."""
+    return decode(read_verified(path, sha256_hex), max_pixels)[0]
 
 
 def load_rgb(path: Path | str, max_pixels: int) -> Image.Image:

@@ -9,6 +9,7 @@ Training stages are listed parent before child, following the ``parent`` recorde
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,36 @@ def reason_kind(reason: Any) -> str:
     return str(reason).split(":", 1)[0].strip() if isinstance(reason, str) and reason else "unspecified"
 
 
-def curation(curated: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"steps": []}
+def decision_tables(curated: Path) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(step name, table) of every curation step's per-image decisions (a ``status`` column), manifest first."""
     files = [curated / MANIFEST] + sorted(p for p in curated.glob("*.parquet") if p.name not in (MANIFEST, DATASET))
     for path in files:
         if not path.exists():
             continue
         frame = pd.read_parquet(path, columns=None)
-        if "status" not in frame.columns:
-            continue
+        if "status" in frame.columns:
+            yield path.stem, frame
+
+
+def rejection_reasons(curated: Path, domain: str) -> dict[str, dict[str, int]]:
+    """Step -> reason kind -> images of ``domain`` that step rejected: why a domain ended up empty."""
+    out, domain_of = {}, {}
+    for step, frame in decision_tables(curated):
+        if "domain" in frame.columns:
+            domain_of.update(zip(frame["path"], frame["domain"]))  # the manifest comes first and has every path
+        rejected = frame[(frame["status"] != "kept") & (frame["path"].map(domain_of) == domain)]
+        if len(rejected):
+            out[step] = {k: int(v) for k, v in rejected["reason"].map(reason_kind).value_counts().sort_index().items()}
+    return out
+
+
+def curation(curated: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"steps": []}
+    for step, frame in decision_tables(curated):
         rejected = frame[frame["status"] != "kept"]
         out["steps"].append(
             {
-                "step": path.stem,
+                "step": step,
                 "input": len(frame),
                 "kept": int((frame["status"] == "kept").sum()),
                 "rejected": len(rejected),

@@ -5,18 +5,34 @@ Each stage keeps one store folder of Parquet parts. A row is keyed by the image'
 switching a setting back and forth reuses what was computed before. Parts are flushed every
 ``flush_every`` rows (atomically), so a killed run keeps what it finished. The store is a memo, never
 a source of truth: deleting the folder only costs recomputation.
+
+``memo_map`` is the one loop every per-image curation step runs over its store: look up what is
+memoised, load the rest in threads (an unreadable image becomes an ``Unreadable`` reason), run the model
+in batches, store the results as they come, show progress. A step is then a config, a fingerprint (its
+store's) and a load / batch function; ``Lazy`` builds its model once, on first need.
 """
 
 from __future__ import annotations
 
-import time
+import functools
+import logging
 import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
+from tqdm import tqdm
 
+from stagewise.images import ImageError
 from stagewise.io import read_parquet_dir, write_parquet
+
+log = logging.getLogger(__name__)
 
 KEY = ["sha256", "fingerprint"]
 MAX_PARTS = 32  # beyond this many parts, merge them: many small files make every lookup slower
@@ -67,3 +83,137 @@ class ResultStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------------------- the image map
+
+
+class Keyed(Protocol):
+    """A row ``memo_map`` can work on: a manifest row (``itertuples``), an ImageRef, ..."""
+
+    path: str
+    sha256: str
+
+
+R = TypeVar("R", bound=Keyed)
+T = TypeVar("T")
+L = TypeVar("L")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What a row's load gave when its image could not be read (``ImageError``: vanished, changed since
+    ingest, truncated, too large): the reason the stage records for it. Never memoised: the file may be
+    fixed without its content hash changing."""
+
+    reason: str
+
+
+@dataclass
+class MemoResult:
+    values: dict[str, dict[str, Any]]  # sha256 -> stored values (memoised or computed now) of every readable row
+    errors: dict[str, str]  # sha256 -> why its image could not be read (Unreadable.reason)
+    computed: int  # images computed this call; the rest were memoised
+
+
+def memo_map(
+    rows: Iterable[R] | pd.DataFrame,
+    store: ResultStore,
+    load: Callable[[R], L],
+    run_batch: Callable[[list[R], list[L]], list[dict[str, Any]]] | None = None,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    desc: str = "",
+    reuse: Callable[[R, dict[str, Any]], bool] | None = None,
+) -> MemoResult:
+    """The per-image result of every distinct ``sha256`` in ``rows``, computing only what ``store`` lacks.
+
+    - Incremental: a row whose sha256 the store holds (and, with ``reuse``, whose memo ``reuse(row,
+      stored)`` accepts) is not loaded; each content hash is computed once, however many rows share it.
+    - ``load(row)`` runs in ``workers`` threads, the next two batches ahead of the one being consumed, so
+      decoding overlaps the model. It reads the image (``images.load_verified``: the content hash is
+      checked, so a memoised result is computed from the content it is keyed by) and does per-image work;
+      an ``ImageError`` it raises becomes the row's ``Unreadable`` reason in ``errors``.
+    - ``run_batch(rows, loaded)`` runs on the calling thread, once per batch of ``batch_size`` rows less
+      the unreadable ones, and returns one dict of values to store per row. Without it, ``load`` returns
+      those values itself (per-image work in the threads: hashes, the text detector).
+    - Kill-safe: results go to ``store`` as they come, which writes a part every ``flush_every`` rows and
+      flushes the rest when the map ends, also by an exception; a SIGKILL loses at most one part's rows.
+    - Memory: the rows to compute are listed (small), images exist only for the batches in flight; what
+      grows is the per-image values returned.
+    - A progress bar (``desc``) counts the images to compute, shown only when there are some.
+    """
+    if isinstance(rows, pd.DataFrame):
+        rows = rows.itertuples(index=False)
+    memo = store.lookup()
+    values: dict[str, dict[str, Any]] = {}
+    todo: list[R] = []
+    seen: set[str] = set()
+    for row in rows:
+        if row.sha256 in seen:
+            continue
+        seen.add(row.sha256)
+        hit = memo.get(row.sha256)
+        if hit is not None and (reuse is None or reuse(row, hit)):
+            values[row.sha256] = hit
+        else:
+            todo.append(row)
+    errors: dict[str, str] = {}
+    if not todo:
+        return MemoResult(values, errors, 0)
+    log.info("%s: %d new images to compute (%d memoised)", desc, len(todo), len(values))
+    batches = (todo[start:start + batch_size] for start in range(0, len(todo), batch_size))
+    with store, tqdm(total=len(todo), desc=desc, unit="img", mininterval=1.0) as bar:
+        for batch, loaded in prefetched(batches, functools.partial(_guarded, load), workers):
+            good = [(row, item) for row, item in zip(batch, loaded) if not isinstance(item, Unreadable)]
+            errors.update({row.sha256: item.reason for row, item in zip(batch, loaded) if isinstance(item, Unreadable)})
+            if good:
+                results = run_batch([row for row, _ in good], [item for _, item in good]) if run_batch else [item for _, item in good]
+                if len(results) != len(good):
+                    raise RuntimeError(f"{desc}: {len(results)} results for a batch of {len(good)} images")
+                for (row, _), result in zip(good, results):
+                    store.add(row.sha256, **result)
+                    values[row.sha256] = result
+            bar.update(len(batch))
+    return MemoResult(values, errors, len(todo) - len(errors))
+
+
+def _guarded(load: Callable[[R], L], row: R) -> L | Unreadable:
+    try:
+        return load(row)
+    except ImageError as exc:
+        return Unreadable(str(exc))
+
+
+def prefetched(batches: Iterable[list[T]], load: Callable[[T], L], workers: int, ahead: int = 2) -> Iterator[tuple[list[T], list[L]]]:
+    """Yield (batch, its loaded items) in order while the next ``ahead`` batches load in threads."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
+    pending: deque[tuple[list[T], list[Future]]] = deque()
+    try:
+        for batch in batches:
+            pending.append((batch, [pool.submit(load, item) for item in batch]))
+            if len(pending) > ahead:
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+    finally:  # also on an exception in the consumer: drop what has not started
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Lazy(Generic[T]):
+    """A model built on first use, by whichever thread needs it first (often a decoding thread preparing an
+    image for it), exactly once: a run with nothing new to compute, or only unreadable images, never
+    loads it. ``value`` is None until then."""
+
+    def __init__(self, build: Callable[[], T], value: T | None = None):
+        self._build, self.value, self._lock = build, value, threading.Lock()
+
+    def get(self) -> T:
+        if self.value is None:
+            with self._lock:
+                if self.value is None:
+                    self.value = self._build()
+        return self.value

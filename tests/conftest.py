@@ -63,8 +63,20 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) 
     return proc
 
 
-def make_project(dest: Path, params: dict | None = None) -> Path:
-    """A copy of this project's pipeline in a fresh git + DVC repo at ``dest``."""
+def build_project_sample(project: Path) -> Path:
+    """``make demo``'s first step: the embedded sample into ``project``/data/sample (params.yaml data.domains'
+    default), with the project's ``sample`` settings. It is an input folder, not a DVC stage."""
+    from stagewise.config import load_section
+    from stagewise.sample import SampleConfig, build_sample
+
+    out = project / "data" / "sample"
+    build_sample(out, load_section("sample", SampleConfig, project / "params.yaml"))
+    return out
+
+
+def make_project(dest: Path, params: dict | None = None, sample: bool = True) -> Path:
+    """A copy of this project's pipeline in a fresh git + DVC repo at ``dest``; with ``sample``, its default
+    input folders (the embedded sample) built as ``make demo`` does."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -78,6 +90,8 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
     run([sys.executable, "-m", "dvc", "config", "core.check_update", "false"], dest)
     if params:
         set_params(dest / "params.yaml", params)
+    if sample:
+        build_project_sample(dest)
     return dest
 
 

@@ -101,7 +101,7 @@ CASES = {
     "missing_parent": ("train", TRAIN_ARGS, lambda p: stage(p, parent="s64"), ["params.yaml: train.stages.a.parent: 's64' is not an earlier stage or 'init'; allowed here: 'init'"]),
     "freeze_matches_nothing": ("train", TRAIN_ARGS, lambda p: stage(p, freeze=["decoder_c"]), ["params.yaml: train.stages.a.freeze: pattern 'decoder_c' matches no parameter; parameter names look like encoder.blocks"]),
     "codec_name": ("train", TRAIN_ARGS, lambda p: p["codec"].update(name="vae"), ["params.yaml: codec.name: Input should be 'pixels' or 'taef2' (got 'vae')"]),
-    "misspelled_section": ("train", TRAIN_ARGS, without_train, ["params.yaml: trian: unknown section (line ", "did you mean train?; allowed sections: sample, ingest, "]),
+    "misspelled_section": ("train", TRAIN_ARGS, without_train, ["params.yaml: trian: unknown section (line ", "did you mean train?; allowed sections: data, sample, ingest, "]),
     "invalid_yaml": ("train", TRAIN_ARGS, lambda p: INVALID_YAML, ["params.yaml: not valid YAML", "line 6"]),
     "ingest_unknown_key": ("ingest", INGEST_ARGS, lambda p: p["ingest"].update(min_side=8), ["params.yaml: ingest.min_side: unknown key; allowed keys: max_file_mb, max_pixels, min_side_px"]),
     "ingest_misspelled_section": ("ingest", INGEST_ARGS, lambda p: p.update(ingset=p.pop("ingest")), ["params.yaml: ingset: unknown section (line ", "), did you mean ingest?; allowed sections: "]),
@@ -153,11 +153,11 @@ def test_good_params_do_run(template, tmp_path, monkeypatch, capsys):
 def test_dvc_repro_with_a_bad_param_fails_before_the_stage_writes(tmp_path):
     from tiny_pipeline import make_tiny_project
 
-    project = make_tiny_project(tmp_path / "project")
-    set_params(project / "params.yaml", {"sample": {"crops_per_domian": 6}})
-    proc = dvc(project, "repro", "sample", check=False)
+    project = make_tiny_project(tmp_path / "project", sample=False)  # no data/ at all: nothing may be written there
+    set_params(project / "params.yaml", {"data": {"domainz": {"a": "x"}}})  # the first stage's section
+    proc = dvc(project, "repro", "ingest", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert "error: params.yaml: sample.crops_per_domian: unknown key; allowed keys: crops_per_domain, jpeg_quality, " in out
+    assert "error: params.yaml: data.domainz: unknown key; allowed keys: domains" in out
     assert "exited with 2" in out and "Traceback" not in out
     assert not (project / "data").exists() and not (project / "dvc.lock").exists()

@@ -22,7 +22,7 @@ from stagewise.codecs import CodecConfig, load_codec
 from stagewise.codecs.pixels import PixelCodec
 from stagewise.curation.ingest import IngestConfig, ingest
 from stagewise.images import center_square, load_rgb
-from stagewise.latents import SCHEMA, from_rows, read_index, read_latents
+from stagewise.latents import SCHEMA, from_rows, needs_relayout, read_index, read_latents
 
 RES = 64  # small enough that every test here runs in about a second
 ROW_BYTES = 3 * RES * RES * 2  # one pixels-codec row in float16
@@ -102,6 +102,20 @@ def test_caption_change_rewrites_only_its_shards_without_encoding(dataset, pixel
     rows = read_latents(tmp_path)
     assert set(rows.loc[rows["sha256"] == target, "caption"]) == {"a new caption"}
     assert (rows.loc[rows["sha256"] != target, "caption"] != "a new caption").all()
+
+
+def test_shards_of_the_old_layout_are_rewritten_for_streaming_without_encoding(dataset, pixels, tmp_path):
+    update_cache(dataset, tmp_path, RES, pixels, small())
+    before = read_latents(tmp_path)
+    for shard in tmp_path.glob("shard-*.parquet"):  # as the code before streaming wrote them: one zstd row group
+        pq.write_table(pq.read_table(shard), shard, compression="zstd")
+        assert needs_relayout(shard)
+    result = update_cache(dataset, tmp_path, RES, pixels, small())
+    assert (result.encoded, result.pruned, result.relabelled) == (0, 0, 0)
+    assert sorted(result.rewritten_shards) == sorted(p.name for p in tmp_path.glob("shard-*.parquet"))
+    assert not any(needs_relayout(s) for s in tmp_path.glob("shard-*.parquet"))
+    pd.testing.assert_frame_equal(read_latents(tmp_path), before)  # the same rows, bytes for bytes
+    assert update_cache(dataset, tmp_path, RES, pixels, small()).rewritten_shards == []
 
 
 def test_removed_images_and_stale_settings_are_pruned(dataset, pixels, tmp_path):

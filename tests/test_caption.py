@@ -169,7 +169,7 @@ def stage_ran(out, stage):
 def test_dvc_threshold_change_reruns_watermark_and_caption_only(tmp_path):
     project = make_project(tmp_path / "project")
     first = dvc(project, "repro", "caption")
-    assert all(stage_ran(first.stdout, s) for s in ("sample", "ingest", "watermark", "caption"))
+    assert all(stage_ran(first.stdout, s) for s in ("domains", "ingest", "watermark", "caption"))
     dataset = pd.read_parquet(project / "data/curated/dataset.parquet")
     stamped = {f"data/sample/{p}" for p in json.loads((project / "data/sample/defects.json").read_text())["watermark"]}
     assert not stamped & set(dataset["path"])
@@ -178,11 +178,11 @@ def test_dvc_threshold_change_reruns_watermark_and_caption_only(tmp_path):
 
     set_params(project / "params.yaml", {"watermark": {"threshold": 0.9}})  # above every stamped copy's score
     second = dvc(project, "repro", "caption")
-    ran = {s: stage_ran(second.stdout, s) for s in ("sample", "ingest", "watermark", "caption")}
-    assert ran == {"sample": False, "ingest": False, "watermark": True, "caption": True}
+    ran = {s: stage_ran(second.stdout, s) for s in ("domains", "ingest", "watermark", "caption")}
+    assert ran == {"domains": False, "ingest": False, "watermark": True, "caption": True}
     assert "ran the text detector on 0 images" in second.stderr  # decided again from memoised boxes
     lock_after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert lock_after["ingest"] == lock_before["ingest"] and lock_after["sample"] == lock_before["sample"]
+    assert lock_after["ingest"] == lock_before["ingest"] and lock_after["domains"] == lock_before["domains"]
     assert lock_after["watermark"]["params"]["params.yaml"]["watermark"]["threshold"] == 0.9
     assert (project / "data/curated/manifest.parquet").stat().st_mtime_ns == manifest_mtime
     dataset = pd.read_parquet(project / "data/curated/dataset.parquet")

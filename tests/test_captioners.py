@@ -16,8 +16,8 @@ from conftest import ROOT, run
 from stagewise.cli import StageError
 from stagewise.config import ParamsError, parse_section
 from stagewise.curation import vlm
-from stagewise.curation.caption import DATASET_COLUMNS, CaptionConfig, caption_dataset, make_captioner
-from stagewise.curation.captioners import CAPTIONS_COLUMNS, ModelCaptioner, finish_captions, shuffle_tags
+from stagewise.curation.caption import CAPTIONS_COLUMNS, DATASET_COLUMNS, CaptionConfig, caption_dataset, finish_captions, make_captioner, shuffle_tags
+from stagewise.curation.captioners import ModelCaptioner
 from stagewise.curation.ingest import IngestConfig, ingest
 from stagewise.images import load_rgb
 from tiny_models import tiny_blip, tiny_vit_gpt2

@@ -189,7 +189,7 @@ def test_progressive_train_runs_every_stage_in_dag_order_with_artifacts_and_logs
     project, state = trained
     assert state.is_completed(), state.message
     dag = read_dag(project)
-    assert {"sample", "ingest", "init", "train@lrd", "train@gan", "report"} <= {s.name for s in dag}
+    assert {"domains", "ingest", "init", "train@lrd", "train@gan", "report"} <= {s.name for s in dag}
     runs = task_runs(state)
     assert [r.name for r in runs] == [s.name for s in dag]  # one task per DVC stage, in DAG order
     assert all(r.state.is_completed() and r.run_count == 1 for r in runs)
@@ -297,11 +297,11 @@ def test_bad_params_fail_the_flow_at_once_with_the_stages_message(prefect_api, t
     assert state.is_failed()
     assert state.message.startswith("stage ingest failed: error: params.yaml: ingest.bogus: unknown key")
     runs = {r.name: r for r in task_runs(state)}
-    assert runs["sample"].state.is_completed()
+    assert runs["domains"].state.is_completed()
     assert runs["ingest"].state.is_failed() and runs["ingest"].run_count == 1  # exit 2: no retry
     assert "error: params.yaml: ingest.bogus" in runs["ingest"].state.message
     summary = artifacts_of(state)["progressive-train-summary"]
-    assert "| sample | ran |" in summary and "| ingest | failed |" in summary
+    assert "| domains | ran |" in summary and "| ingest | failed |" in summary
 
 
 def test_unknown_stage_or_override_fails_before_anything_runs(prefect_api, tmp_path):

@@ -30,9 +30,9 @@ TINY_RECIPE = {
 }
 
 
-def make_tiny_project(dest: Path) -> Path:
+def make_tiny_project(dest: Path, sample: bool = True) -> Path:
     """A fresh git + DVC copy of the pipeline with the tiny settings; the recipe is replaced, not merged."""
-    project = make_project(dest, TINY_PARAMS)
+    project = make_project(dest, TINY_PARAMS, sample=sample)
     params_file = project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params["train"]["defaults"] = TINY_DEFAULTS

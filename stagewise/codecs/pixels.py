@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stagewise.codecs import Codec
+from stagewise.codecs.base import Codec
 
 
 class PixelCodec(Codec):

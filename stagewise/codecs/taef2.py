@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stagewise.cli import StageError
-from stagewise.codecs import Codec, CodecConfig
+from stagewise.codecs.base import Codec, CodecConfig
 from stagewise.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)

@@ -3,123 +3,54 @@
 Where a caption comes from, first match wins:
 1. a sidecar next to the image, ``<stem>.txt`` then ``<stem>.caption`` (whitespace stripped; an empty
    sidecar falls through) — always re-read, so an edited sidecar changes the output;
-2. the configured captioner (``caption.captioner`` in params, looked up in ``CAPTIONERS``): ``template``
-   fills ``caption.template``; ``transformers`` runs the image-to-text model ``caption.model``
-   (captioners.py). ``overwrite: true`` skips step 1.
-
-Prefix / suffix, tag shuffling and the ``caption_filter`` that selects a subset are applied afterwards to
-every caption, whatever its source (captioners.py ``finish_captions``).
+2. the configured captioner (``caption.captioner``: a name registered in captioners.py ``CAPTIONERS``):
+   ``template`` fills ``caption.template``; ``transformers`` runs the image-to-text model
+   ``caption.model``. ``overwrite: true`` skips step 1.
 
 Captioner results are memoised by content hash + the captioner's fingerprint, so adding images captions
 only the new ones and switching the model back and forth reuses earlier captions. A captioner that also
 uses something besides the pixels (the template uses the domain and file stem) says so in ``context``,
 and a memoised caption is reused only when that context is unchanged.
+
+Then ``finish_captions``, for every caption whatever its source (sidecar, template, model):
+
+1. ``caption_filter`` (regex or substrings) on the caption as read or generated: the dataset is the
+   matching subset, and the full list with a reason for each dropped image is written beside it;
+2. ``prefix`` + caption + ``suffix`` (``{domain}`` / ``{stem}`` filled in);
+3. ``shuffle_tags``: comma-separated tags in a per-image order seeded by its sha256 (deterministic: the
+   same image always gets the same caption, so DVC sees no change on a rerun), first ``keep_tags`` fixed.
+
+All three run on the memoised captions: changing them never reruns the model.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import string
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+import numpy as np
 import pandas as pd
-from PIL import Image
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm
 
-from stagewise.config import Section, fingerprint
+from stagewise.config import Section
+from stagewise.curation.captioners import CAPTIONERS, Captioner, CaptionerName, ImageRef, check_template
+from stagewise.curation.captioners import TemplateCaptioner  # noqa: F401  (re-exported with the stage's names)
 from stagewise.hub import DType
-from stagewise.images import ImageError, load_rgb
-from stagewise.store import ResultStore
+from stagewise.images import load_verified
+from stagewise.store import ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIXES = (".txt", ".caption")  # in order of precedence
-TEMPLATE_FIELDS = frozenset({"domain", "stem"})
 DATASET_COLUMNS = ["path", "domain", "sha256", "width", "height", "caption", "caption_source"]
+CAPTIONS_COLUMNS = [*DATASET_COLUMNS, "status", "reason"]
 FILTER_COLUMNS = {"path", "sha256", "status"}
 
 
 class FilterError(ValueError):
     """A filter's output does not fit the manifest (missing columns or decisions)."""
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """What a captioner may know about an image besides its pixels."""
-
-    path: str
-    domain: str
-    sha256: str
-
-    @property
-    def stem(self) -> str:
-        return Path(self.path).stem
-
-
-class Captioner(ABC):
-    """Turns a batch of images into captions. Implementations register a factory in ``CAPTIONERS``.
-
-    A model captioner sets ``needs_pixels = True`` (the default) and gets decoded RGB images; one that
-    needs none (the template) gets ``None`` for each, and nothing is decoded.
-    """
-
-    source: ClassVar[str] = "model"  # the dataset's caption_source for captions it makes
-    needs_pixels: ClassVar[bool] = True
-
-    @property
-    @abstractmethod
-    def fingerprint(self) -> str:
-        """Stable id of everything that changes the captions (model id, prompt, generation settings)."""
-
-    def context(self, ref: ImageRef) -> str:
-        """What besides the pixels a caption depends on; a memoised caption is reused only when equal."""
-        return ""
-
-    def prepare(self, image: Image.Image) -> Any:
-        """Per-image work run in the decoding threads, overlapping ``caption`` on the previous batch (a
-        model's resize and normalise); ``caption`` then gets what this returns. Must be thread-safe."""
-        return image
-
-    @abstractmethod
-    def caption(self, images: Sequence[Image.Image | None], refs: Sequence[ImageRef]) -> list[str]:
-        """One caption per image, in order."""
-
-
-class TemplateCaptioner(Captioner):
-    source = "template"
-    needs_pixels = False
-
-    def __init__(self, template: str):
-        check_template(template)
-        self.template = template
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint("template-captioner", self.template)
-
-    def context(self, ref: ImageRef) -> str:
-        return f"{ref.domain}/{ref.stem}"
-
-    def caption(self, images: Sequence[Image.Image | None], refs: Sequence[ImageRef]) -> list[str]:
-        return [self.template.format(domain=ref.domain, stem=ref.stem) for ref in refs]
-
-
-def check_template(template: str) -> None:
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise ValueError(f"not a valid template: {exc}") from None
-    unknown = names - TEMPLATE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown placeholder(s) {', '.join('{' + n + '}' for n in sorted(unknown))}; allowed: {{domain}}, {{stem}}")
-    if not template.format(domain="a", stem="x").strip():
-        raise ValueError("the template makes empty captions")
 
 
 class CaptionFilter(Section):
@@ -143,7 +74,7 @@ class CaptionFilter(Section):
 
 class CaptionConfig(Section):
     # A name in CAPTIONERS: `template` (no model), `transformers` (the image-to-text model `model`).
-    captioner: str = "template"
+    captioner: CaptionerName = "template"
     template: str = "a photo of {domain}"  # placeholders {domain} and {stem}; the domain name is the subject's token
     batch_size: int = Field(16, ge=1, description="images per captioner call (model captioners batch on the accelerator)")
     max_pixels: int = Field(8192 * 8192, ge=1, description="decompression-bomb guard when decoding for a model; keep equal to ingest.max_pixels")
@@ -167,10 +98,10 @@ class CaptionConfig(Section):
     keep_tags: int = Field(0, ge=0)
     caption_filter: CaptionFilter | None = None  # null keeps every image; else the dataset is the matching subset
 
-    @field_validator("captioner")
+    @field_validator("captioner", mode="before")
     @classmethod
-    def _known_captioner(cls, name: str) -> str:
-        if name not in CAPTIONERS:
+    def _known_captioner(cls, name: Any) -> Any:  # before the Literal's check, for a message naming the known ones
+        if not isinstance(name, str) or name not in CAPTIONERS:
             raise ValueError(f"unknown captioner {name!r}; known: {', '.join(sorted(CAPTIONERS))}")
         return name
 
@@ -192,19 +123,6 @@ class CaptionConfig(Section):
         if self.captioner == "transformers" and not self.model:
             raise ValueError("captioner transformers needs caption.model: a hub id or a local folder made with save_pretrained")
         return self
-
-
-def _transformers_captioner(cfg: CaptionConfig) -> Captioner:
-    from stagewise.curation.captioners import ModelCaptioner  # imports this module: load on first use
-
-    return ModelCaptioner(cfg)
-
-
-# The factory point: a name in params -> a function building the captioner from the config.
-CAPTIONERS: dict[str, Callable[[CaptionConfig], Captioner]] = {
-    "template": lambda cfg: TemplateCaptioner(cfg.template),
-    "transformers": _transformers_captioner,
-}
 
 
 def make_captioner(cfg: CaptionConfig) -> Captioner:
@@ -256,13 +174,6 @@ def select_kept(manifest: pd.DataFrame, filters: dict[str, pd.DataFrame]) -> tup
     return kept, dropped
 
 
-def _load_for_captioner(ref: ImageRef, max_pixels: int, captioner: Captioner) -> Any:
-    try:
-        return captioner.prepare(load_rgb(ref.path, max_pixels))
-    except ImageError as exc:
-        return exc
-
-
 def caption_dataset(
     manifest: pd.DataFrame, filters: dict[str, pd.DataFrame], captioner: Captioner, store_dir: Path, batch_size: int = 16, max_pixels: int = 8192 * 8192,
     workers: int = 2, overwrite: bool = False,
@@ -277,56 +188,70 @@ def caption_dataset(
         text = read_sidecar(ref.path)
         if text is not None:
             captions[ref.path] = (text, "sidecar")
+    sidecars = len(captions)
 
-    store = ResultStore(store_dir, captioner.fingerprint)
-    memo = store.lookup()
-    todo = []
-    for ref in refs:
-        if ref.path in captions:
-            continue
-        hit = memo.get(ref.sha256)
-        if hit is not None and hit["context"] == captioner.context(ref):
-            captions[ref.path] = (hit["caption"], captioner.source)
+    def load(ref: ImageRef) -> Any:  # in a decoding thread
+        return captioner.prepare(load_verified(ref.path, ref.sha256, max_pixels)) if captioner.needs_pixels else None
+
+    def run(batch: list[ImageRef], images: list[Any]) -> list[dict[str, str]]:
+        return [{"caption": text.strip(), "context": captioner.context(ref)} for ref, text in zip(batch, captioner.caption(images, batch))]
+
+    todo = [ref for ref in refs if ref.path not in captions]
+    result = memo_map(todo, ResultStore(store_dir, captioner.fingerprint), load, run, batch_size=batch_size, workers=workers, desc="caption",
+                      reuse=lambda ref, stored: stored["context"] == captioner.context(ref))
+    unreadable = {ref.path for ref in todo if ref.sha256 in result.errors}
+    for ref in todo:
+        if ref.path in unreadable:
+            log.warning("%s: dropped from the dataset, cannot be decoded for captioning: %s", ref.path, result.errors[ref.sha256])
         else:
-            todo.append(ref)
-    memoised = len(refs) - len(todo) - sum(source == "sidecar" for _, source in captions.values())
-
-    unreadable: set[str] = set()
-    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-    if captioner.needs_pixels:
-        from stagewise.cache import prefetched  # generic: loads the next batches in threads while one is consumed
-
-        loaded = prefetched(chunks, lambda ref: _load_for_captioner(ref, max_pixels, captioner), workers)
-    else:
-        loaded = ((chunk, [None] * len(chunk)) for chunk in chunks)
-    with store, tqdm(total=len(todo), desc="caption", unit="img", mininterval=1.0, disable=not todo) as bar:
-        for chunk, results in loaded:
-            batch: list[ImageRef] = []
-            images: list[Image.Image | None] = []
-            for ref, result in zip(chunk, results):
-                if isinstance(result, ImageError):
-                    log.warning("%s: dropped from the dataset, cannot be decoded for captioning: %s", ref.path, result)
-                    unreadable.add(ref.path)
-                else:
-                    batch.append(ref)
-                    images.append(result)
-            texts = captioner.caption(images, batch) if batch else []
-            if len(texts) != len(batch):
-                raise RuntimeError(f"captioner {type(captioner).__name__} returned {len(texts)} captions for {len(batch)} images")
-            for ref, text in zip(batch, texts):
-                text = text.strip()
-                store.add(ref.sha256, caption=text, context=captioner.context(ref))
-                captions[ref.path] = (text, captioner.source)
-            bar.update(len(chunk))
+            captions[ref.path] = (result.values[ref.sha256]["caption"], captioner.source)
 
     out = kept[~kept["path"].isin(unreadable)][["path", "domain", "sha256", "width", "height"]].copy()
     out["caption"] = [captions[p][0] for p in out["path"]]
     out["caption_source"] = [captions[p][1] for p in out["path"]]
     counts = {
-        "captioned": len(todo) - len(unreadable),
-        "sidecar": sum(source == "sidecar" for _, source in captions.values()),
-        "memoised": memoised,
+        "captioned": result.computed,
+        "sidecar": sidecars,
+        "memoised": len(result.values) - result.computed,
         "unreadable": len(unreadable),
         **{f"dropped_by:{name}": n for name, n in dropped.items()},
     }
     return out.reset_index(drop=True)[DATASET_COLUMNS], counts
+
+
+# -------------------------------------------------------------------------------------- after captioning
+
+
+def shuffle_tags(caption: str, sha256: str, keep: int = 0) -> str:
+    """The comma-separated tags of ``caption`` in an order fixed by ``sha256``; the first ``keep`` stay first."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    order = np.random.default_rng(int(sha256[:16], 16)).permutation(len(tail))
+    return ", ".join(head + [tail[i] for i in order])
+
+
+def filter_verdict(caption: str, rule: CaptionFilter) -> str:
+    """'' when ``caption`` passes ``rule``, else the reason it does not."""
+    flags = re.IGNORECASE if rule.ignore_case else 0
+    if rule.regex is not None:
+        return "" if re.search(rule.regex, caption, flags) else f"caption_filter: caption {caption!r} does not match regex {rule.regex!r}"
+    wanted = [w.lower() for w in rule.contains] if rule.ignore_case else rule.contains
+    text = caption.lower() if rule.ignore_case else caption
+    return "" if any(w in text for w in wanted) else f"caption_filter: caption {caption!r} contains none of {rule.contains!r}"
+
+
+def finish_captions(dataset: pd.DataFrame, cfg: CaptionConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the dataset: rows the caption_filter keeps, final captions; every row with status and reason)."""
+    finished, statuses, reasons = [], [], []
+    for row in dataset.itertuples(index=False):
+        reason = filter_verdict(row.caption, cfg.caption_filter) if cfg.caption_filter is not None else ""
+        stem = Path(row.path).stem
+        text = cfg.prefix.format(domain=row.domain, stem=stem) + row.caption + cfg.suffix.format(domain=row.domain, stem=stem)
+        if cfg.shuffle_tags:
+            text = shuffle_tags(text, row.sha256, cfg.keep_tags)
+        finished.append(text)
+        statuses.append("rejected" if reason else "kept")
+        reasons.append(reason)
+    captions = dataset.assign(caption=finished, status=statuses, reason=reasons)[CAPTIONS_COLUMNS]
+    subset = captions.loc[captions["status"] == "kept", DATASET_COLUMNS].reset_index(drop=True)
+    return subset, captions.reset_index(drop=True)

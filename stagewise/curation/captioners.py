@@ -1,58 +1,142 @@
-"""Model captions and what the caption stage does with every caption afterwards.
+"""Captioners: what turns an image into a caption, and the registry that names them in params.
 
-``ModelCaptioner`` (``caption.captioner: transformers``) runs a transformers image-to-text model named by
-hub id or local folder in ``caption.model``: BLIP captioning (``BlipForConditionalGeneration``), a
-``VisionEncoderDecoderModel`` (ViT + GPT-2 and kin), or any ``AutoModelForImageTextToText`` chat model;
-loading is shared with the VLM filter (vlm.py). Batched on the device; the model is loaded only when an
-image actually needs a caption, so a rerun with nothing new never loads it. Its fingerprint is the model
-folder's content hash + prompt + generation settings, so the memo survives moving the folder.
+``caption.captioner`` names one of ``CAPTIONERS``:
 
-``finish_captions`` then, for every caption whatever its source (sidecar, template, model):
+- ``template`` (``TemplateCaptioner``) fills ``caption.template`` with the image's domain and file stem
+  and reads no pixels;
+- ``transformers`` (``ModelCaptioner``) runs a transformers image-to-text model named by hub id or local
+  folder in ``caption.model``: BLIP captioning (``BlipForConditionalGeneration``), a
+  ``VisionEncoderDecoderModel`` (ViT + GPT-2 and kin), or any ``AutoModelForImageTextToText`` chat model;
+  loading is shared with the VLM filter (vlm.py). Batched on the device; the model is loaded only when an
+  image actually needs a caption, so a rerun with nothing new never loads it. Its fingerprint is the model
+  folder's content hash + prompt + generation settings, so the memo survives moving the folder.
 
-1. ``caption_filter`` (regex or substrings) on the caption as read or generated: the dataset is the
-   matching subset, and the full list with a reason for each dropped image is written beside it;
-2. ``prefix`` + caption + ``suffix`` (``{domain}`` / ``{stem}`` filled in);
-3. ``shuffle_tags``: comma-separated tags in a per-image order seeded by its sha256 (deterministic: the
-   same image always gets the same caption, so DVC sees no change on a rerun), first ``keep_tags`` fixed.
-
-All three run on the memoised captions: changing them never reruns the model.
+A new captioner is a ``Captioner`` subclass, a factory in ``CAPTIONERS`` and its name in
+``CaptionerName``. The caption stage (caption.py: sidecars, the memo, caption_filter, prefix / suffix
+and tag shuffling) imports this module; nothing here imports the stage.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import threading
-from collections.abc import Sequence
+import string
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
-import numpy as np
-import pandas as pd
 from PIL import Image
 
 from stagewise.cli import StageError
 from stagewise.config import fingerprint
-from stagewise.curation.caption import DATASET_COLUMNS, CaptionConfig, CaptionFilter, Captioner, ImageRef
-from stagewise.curation.vlm import ImageTextModel, load_image_text_model, locate
+from stagewise.curation import vlm
+from stagewise.curation.vlm import ImageTextModel, locate
+from stagewise.hub import DType
+from stagewise.store import Lazy
 
 log = logging.getLogger(__name__)
 
 CAPTIONER_VERSION = 1  # bump when how the model's output becomes a caption changes
 SECTION = "caption"
-CAPTIONS_COLUMNS = [*DATASET_COLUMNS, "status", "reason"]
+TEMPLATE_FIELDS = frozenset({"domain", "stem"})
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """What a captioner may know about an image besides its pixels."""
+
+    path: str
+    domain: str
+    sha256: str
+
+    @property
+    def stem(self) -> str:
+        return Path(self.path).stem
+
+
+class Captioner(ABC):
+    """Turns a batch of images into captions. Implementations register a factory in ``CAPTIONERS``.
+
+    A model captioner sets ``needs_pixels = True`` (the default) and gets decoded RGB images; one that
+    needs none (the template) gets ``None`` for each, and nothing is decoded.
+    """
+
+    source: ClassVar[str] = "model"  # the dataset's caption_source for captions it makes
+    needs_pixels: ClassVar[bool] = True
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Stable id of everything that changes the captions (model id, prompt, generation settings)."""
+
+    def context(self, ref: ImageRef) -> str:
+        """What besides the pixels a caption depends on; a memoised caption is reused only when equal."""
+        return ""
+
+    def prepare(self, image: Image.Image) -> Any:
+        """Per-image work run in the decoding threads, overlapping ``caption`` on the previous batch (a
+        model's resize and normalise); ``caption`` then gets what this returns. Must be thread-safe."""
+        return image
+
+    @abstractmethod
+    def caption(self, images: Sequence[Image.Image | None], refs: Sequence[ImageRef]) -> list[str]:
+        """One caption per image, in order."""
+
+
+class TemplateCaptioner(Captioner):
+    source = "template"
+    needs_pixels = False
+
+    def __init__(self, template: str):
+        check_template(template)
+        self.template = template
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint("template-captioner", self.template)
+
+    def context(self, ref: ImageRef) -> str:
+        return f"{ref.domain}/{ref.stem}"
+
+    def caption(self, images: Sequence[Image.Image | None], refs: Sequence[ImageRef]) -> list[str]:
+        return [self.template.format(domain=ref.domain, stem=ref.stem) for ref in refs]
+
+
+def check_template(template: str) -> None:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a valid template: {exc}") from None
+    unknown = names - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(f"unknown placeholder(s) {', '.join('{' + n + '}' for n in sorted(unknown))}; allowed: {{domain}}, {{stem}}")
+    if not template.format(domain="a", stem="x").strip():
+        raise ValueError("the template makes empty captions")
+
+
+class CaptionerSettings(Protocol):
+    """What the factories read from the caption section (``stagewise.curation.caption.CaptionConfig``)."""
+
+    template: str
+    model: str | None
+    revision: str | None
+    prompt: str
+    max_new_tokens: int
+    num_beams: int
+    device: str
+    dtype: DType
 
 
 class ModelCaptioner(Captioner):
     source = "model"
 
-    def __init__(self, cfg: CaptionConfig):
+    def __init__(self, cfg: CaptionerSettings):
         if not cfg.model:
             raise StageError("caption.model: no model configured for captioner transformers")
         self.cfg = cfg
         self.located = locate(cfg.model, section=SECTION, revision=cfg.revision)  # fails fast, before any image is read
-        self._model: ImageTextModel | None = None
-        self._loading = threading.Lock()  # the decoding threads call prepare(), which needs the model
+        self._lazy = Lazy(self._load)  # the decoding threads call prepare(), which needs the model
 
     @property
     def fingerprint(self) -> str:
@@ -61,15 +145,15 @@ class ModelCaptioner(Captioner):
 
     @property
     def model(self) -> ImageTextModel:
-        with self._loading:
-            if self._model is None:
-                model = load_image_text_model(self.located, section=SECTION, device=self.cfg.device, dtype=self.cfg.dtype)
-                if model.kind == "blip-vqa":
-                    raise StageError(f"caption.model: {self.cfg.model} is a question-answering model; use it as vlm_filter.model, and a captioning model here")
-                if model.kind == "vision-encoder-decoder" and self.cfg.prompt:
-                    raise StageError(f"caption.prompt: {self.cfg.model} is a vision-encoder-decoder model, which takes no prompt; set caption.prompt to ''")
-                self._model = model
-            return self._model
+        return self._lazy.get()
+
+    def _load(self) -> ImageTextModel:
+        model = vlm.load_image_text_model(self.located, section=SECTION, device=self.cfg.device, dtype=self.cfg.dtype)
+        if model.kind == "blip-vqa":
+            raise StageError(f"caption.model: {self.cfg.model} is a question-answering model; use it as vlm_filter.model, and a captioning model here")
+        if model.kind == "vision-encoder-decoder" and self.cfg.prompt:
+            raise StageError(f"caption.prompt: {self.cfg.model} is a vision-encoder-decoder model, which takes no prompt; set caption.prompt to ''")
+        return model
 
     def prepare(self, image: Image.Image) -> Any:
         return self.model.prepare(image)
@@ -80,39 +164,10 @@ class ModelCaptioner(Captioner):
         return self.model.generate_prepared(list(images), prompts, self.cfg.max_new_tokens, self.cfg.num_beams, keep_prompt=True)
 
 
-# -------------------------------------------------------------------------------------- after captioning
-
-
-def shuffle_tags(caption: str, sha256: str, keep: int = 0) -> str:
-    """The comma-separated tags of ``caption`` in an order fixed by ``sha256``; the first ``keep`` stay first."""
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head, tail = tags[:keep], tags[keep:]
-    order = np.random.default_rng(int(sha256[:16], 16)).permutation(len(tail))
-    return ", ".join(head + [tail[i] for i in order])
-
-
-def filter_verdict(caption: str, rule: CaptionFilter) -> str:
-    """'' when ``caption`` passes ``rule``, else the reason it does not."""
-    flags = re.IGNORECASE if rule.ignore_case else 0
-    if rule.regex is not None:
-        return "" if re.search(rule.regex, caption, flags) else f"caption_filter: caption {caption!r} does not match regex {rule.regex!r}"
-    wanted = [w.lower() for w in rule.contains] if rule.ignore_case else rule.contains
-    text = caption.lower() if rule.ignore_case else caption
-    return "" if any(w in text for w in wanted) else f"caption_filter: caption {caption!r} contains none of {rule.contains!r}"
-
-
-def finish_captions(dataset: pd.DataFrame, cfg: CaptionConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the dataset: rows the caption_filter keeps, final captions; every row with status and reason)."""
-    finished, statuses, reasons = [], [], []
-    for row in dataset.itertuples(index=False):
-        reason = filter_verdict(row.caption, cfg.caption_filter) if cfg.caption_filter is not None else ""
-        stem = Path(row.path).stem
-        text = cfg.prefix.format(domain=row.domain, stem=stem) + row.caption + cfg.suffix.format(domain=row.domain, stem=stem)
-        if cfg.shuffle_tags:
-            text = shuffle_tags(text, row.sha256, cfg.keep_tags)
-        finished.append(text)
-        statuses.append("rejected" if reason else "kept")
-        reasons.append(reason)
-    captions = dataset.assign(caption=finished, status=statuses, reason=reasons)[CAPTIONS_COLUMNS]
-    subset = captions.loc[captions["status"] == "kept", DATASET_COLUMNS].reset_index(drop=True)
-    return subset, captions.reset_index(drop=True)
+# The factory point: a name in params -> a function building the captioner from the caption section.
+CaptionerName = Literal["template", "transformers"]
+CAPTIONERS: dict[str, Callable[[CaptionerSettings], Captioner]] = {
+    "template": lambda cfg: TemplateCaptioner(cfg.template),
+    "transformers": ModelCaptioner,
+}
+assert set(CAPTIONERS) == set(get_args(CaptionerName)), "CaptionerName must list exactly the registered captioners"

@@ -34,15 +34,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from pydantic import Field, field_validator
-from tqdm import tqdm
 
 from stagewise.cli import StageError
 from stagewise.config import Section, fingerprint
 from stagewise.hub import identity as folder_identity
 from stagewise.hub import looks_like_path, offline, resolve
-from stagewise.images import ImageError, load_verified
+from stagewise.images import load_verified
 from stagewise.io import sha256_file
-from stagewise.store import ResultStore
+from stagewise.store import Lazy, ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -252,42 +251,33 @@ class Embedder:
     def __init__(self, cfg: ClipConfig, store_dir: Path, section: str):
         self.cfg, self.section, self.store_dir = cfg, section, Path(store_dir)
         self.ref = locate(cfg, section)
-        self._model: ClipModel | None = None
+        self._lazy = Lazy(lambda: load_clip(self.ref, self.cfg, self.section))
 
     @property
     def model(self) -> ClipModel:
-        if self._model is None:
-            self._model = load_clip(self.ref, self.cfg, self.section)
-        return self._model
+        return self._lazy.get()
+
+    @property
+    def _model(self) -> ClipModel | None:
+        """The model when loaded, else None (a memoised run never loads it)."""
+        return self._lazy.value
 
     def images(self, rows: pd.DataFrame, desc: str = "clip") -> EmbedResult:
         """Embeddings of every distinct image in ``rows`` (columns path, sha256); only new ones are computed.
         Decoding + preprocessing of the next batches (threads) overlaps the model's work on this one."""
-        from stagewise.cache import prefetched
-
         store = ResultStore(self.store_dir / "images", self.ref.fingerprint, flush_every=max(self.cfg.batch_size * 8, 256))
-        memo, wanted = store.lookup(), set(rows["sha256"])
-        out = {sha: _vector(row) for sha, row in memo.items() if sha in wanted}
-        todo = list(rows.loc[~rows["sha256"].isin(out), ["path", "sha256"]].drop_duplicates("sha256").itertuples(index=False))
-        errors: dict[str, str] = {}
-        if todo:
-            log.info("%s: embedding %d new images with CLIP (%d memoised)", desc, len(todo), len(out))
-            model = self.model
-            batches = [todo[i:i + self.cfg.batch_size] for i in range(0, len(todo), self.cfg.batch_size)]
-            load = functools.partial(_load_checked, max_pixels=self.cfg.max_pixels, preprocess=model.preprocess)
-            with store, tqdm(total=len(todo), desc=desc, unit="img", mininterval=1.0) as bar:
-                for batch, loaded in prefetched(batches, load, self.cfg.workers):
-                    good = [(row, px) for row, px in zip(batch, loaded) if not isinstance(px, str)]
-                    errors.update({row.sha256: px for row, px in zip(batch, loaded) if isinstance(px, str)})
-                    if good:
-                        import torch
+        result = memo_map(rows, store, self._pixels, self._embed, batch_size=self.cfg.batch_size, workers=self.cfg.workers, desc=desc)
+        return EmbedResult({sha: _vector(values) for sha, values in result.values.items()}, result.errors, result.computed)
 
-                        vectors = model.embed_tensors(torch.stack([px for _, px in good])).astype(np.float16)
-                        for (row, _), vec in zip(good, vectors):
-                            store.add(row.sha256, embedding=vec.tobytes(), dim=int(vec.shape[0]))
-                            out[row.sha256] = vec
-                    bar.update(len(batch))
-        return EmbedResult(out, errors, len(todo) - len(errors))
+    def _pixels(self, row: Any) -> Any:  # in a decoding thread; an unreadable image never loads the model
+        image = load_verified(row.path, row.sha256, self.cfg.max_pixels)
+        return self.model.preprocess(image)
+
+    def _embed(self, rows: list[Any], pixels: list[Any]) -> list[dict[str, Any]]:
+        import torch
+
+        vectors = self.model.embed_tensors(torch.stack(pixels)).astype(np.float16)
+        return [{"embedding": vec.tobytes(), "dim": int(vec.shape[0])} for vec in vectors]
 
     def texts(self, texts: list[str]) -> tuple[np.ndarray, float]:
         """(unit text embeddings float32 [len(texts), dim], logit scale), memoised by prompt text."""
@@ -305,14 +295,6 @@ class Embedder:
 
 def _vector(row: dict) -> np.ndarray:
     return np.frombuffer(row["embedding"], dtype=np.float16)
-
-
-def _load_checked(row: Any, max_pixels: int, preprocess: Any) -> Any:
-    """Decode + preprocess one manifest row in a worker thread; a string is the reason it could not be."""
-    try:
-        return preprocess(load_verified(row.path, row.sha256, max_pixels))
-    except ImageError as exc:
-        return str(exc)
 
 
 def zero_shot(embeddings: np.ndarray, pairs: list[tuple[str, str]], embedder: Embedder) -> np.ndarray:

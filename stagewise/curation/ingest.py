@@ -8,22 +8,23 @@ decoded again. Input folders are only ever read.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from pydantic import Field
 from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
-from stagewise.images import IMAGE_SUFFIXES, ImageError, probe, read_file
-from stagewise.store import ResultStore
+from stagewise.images import IMAGE_SUFFIXES, ImageError, probe, read_file, read_verified
+from stagewise.store import ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +60,46 @@ def scan(domains: dict[str, Path]) -> Iterator[Candidate]:
             yield Candidate(domain, path)
 
 
-def _examine(cand: Candidate, previous: dict[str, dict], cfg: IngestConfig) -> tuple[dict, bytes | None]:
-    """Stat and (when new or changed) read and hash one file. Returns the row so far and the bytes read."""
+def _examine(cand: Candidate, previous: dict[str, dict], cfg: IngestConfig) -> dict:
+    """Stat and (when new or changed) read and hash one file: the manifest row so far, or with an error."""
     row = {"path": cand.path, "domain": cand.domain, "sha256": "", "size_bytes": -1, "mtime_ns": -1}
     try:
         cand.path.encode("utf-8")
     except UnicodeEncodeError:
         row["path"] = cand.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        return {**row, "error": "bad file name: not valid UTF-8, rename the file"}, None
+        return {**row, "error": "bad file name: not valid UTF-8, rename the file"}
     try:
         st = os.stat(cand.path)
     except OSError as exc:
         reason = "unreadable: symlink loop" if exc.errno == errno.ELOOP else f"unreadable: {exc.strerror}"
-        return {**row, "error": reason}, None
+        return {**row, "error": reason}
     row.update(size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
     if st.st_size > cfg.max_file_mb * 2**20:
-        return {**row, "error": f"too large: {st.st_size / 2**20:.0f} MB file > max_file_mb {cfg.max_file_mb:g}"}, None
+        return {**row, "error": f"too large: {st.st_size / 2**20:.0f} MB file > max_file_mb {cfg.max_file_mb:g}"}
     old = previous.get(cand.path)
     if old is not None and old["size_bytes"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns and old["sha256"]:
-        return {**row, "sha256": old["sha256"]}, None
+        return {**row, "sha256": old["sha256"]}
     try:
         data = read_file(cand.path)
     except ImageError as exc:
-        return {**row, "error": str(exc)}, None
-    return {**row, "sha256": sha256(data).hexdigest()}, data
+        return {**row, "error": str(exc)}
+    return {**row, "sha256": sha256(data).hexdigest()}
+
+
+class Hashed(NamedTuple):
+    path: str
+    sha256: str
+
+
+def _probe(row: Hashed, max_pixels: int) -> dict:
+    """What decoding one new content gives: its size, format and mode, or why it does not decode (a
+    property of the content, so memoised). A file that cannot be read (again) is unreadable instead."""
+    data = read_verified(row.path, row.sha256)
+    try:
+        info = probe(data, max_pixels)
+    except ImageError as exc:
+        return {"error": str(exc), "width": -1, "height": -1, "format": "", "mode": ""}
+    return {"error": None, "width": info.width, "height": info.height, "format": info.format, "mode": info.mode}
 
 
 def ingest(domains: dict[str, Path], cfg: IngestConfig, store_dir: Path, previous_manifest: Path | None = None) -> tuple[pd.DataFrame, int]:
@@ -91,46 +108,20 @@ def ingest(domains: dict[str, Path], cfg: IngestConfig, store_dir: Path, previou
     if previous_manifest is not None and previous_manifest.exists():
         previous = {r["path"]: r for r in pd.read_parquet(previous_manifest).to_dict("records")}
     candidates = list(scan(domains))
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        examined = pool.map(lambda cand: _examine(cand, previous, cfg), candidates)
+        rows = list(tqdm(examined, total=len(candidates), desc="ingest", unit="img", mininterval=1.0))
+    # Each new content hash is decoded once, even when several files hold it.
+    hashed = [Hashed(row["path"], row["sha256"]) for row in rows if "error" not in row]
     store = ResultStore(store_dir, fingerprint("ingest", DECODER_VERSION, cfg.max_pixels))
-    memo = store.lookup()
-    claimed, claim_lock = set(memo), threading.Lock()  # each new content hash is decoded once, even when duplicated
-
-    def work(cand: Candidate) -> dict:
-        row, data = _examine(cand, previous, cfg)
-        if "error" in row:
-            return row
-        with claim_lock:
-            if row["sha256"] in claimed:
-                return row
-            claimed.add(row["sha256"])
-        if data is None:  # unchanged file whose decode result was not memoised (store deleted)
-            try:
-                data = read_file(cand.path)
-            except ImageError as exc:
-                return {**row, "error": str(exc)}
-        try:
-            info = probe(data, cfg.max_pixels)
-            result = {"error": None, "width": info.width, "height": info.height, "format": info.format, "mode": info.mode}
-        except ImageError as exc:
-            result = {"error": str(exc), "width": -1, "height": -1, "format": "", "mode": ""}
-        row["decoded"] = result
-        return row
-
-    rows, decoded = [], 0
-    with store, ThreadPoolExecutor(cfg.workers) as pool:
-        for row in tqdm(pool.map(work, candidates), total=len(candidates), desc="ingest", unit="img", mininterval=1.0):
-            if "decoded" in row:
-                result = row.pop("decoded")
-                store.add(row["sha256"], **result)
-                memo[row["sha256"]] = result
-                decoded += 1
-            rows.append(row)
+    decoded = memo_map(hashed, store, functools.partial(_probe, max_pixels=cfg.max_pixels), workers=cfg.workers, desc="ingest decode")
 
     first_seen: dict[str, str] = {}
     out = []
     for row in rows:
-        facts = memo.get(row["sha256"], {}) if "error" not in row else {}
-        error = row.pop("error", None) or facts.get("error")
+        error = row.pop("error", None) or decoded.errors.get(row["sha256"])
+        facts = decoded.values.get(row["sha256"], {}) if not error else {}
+        error = error or facts.get("error")
         row.update({k: facts.get(k, d) for k, d in (("width", -1), ("height", -1), ("format", ""), ("mode", ""))})
         if error:
             status, reason = "rejected", error
@@ -143,7 +134,7 @@ def ingest(domains: dict[str, Path], cfg: IngestConfig, store_dir: Path, previou
             status, reason = "kept", ""
         out.append({**row, "status": status, "reason": reason})
     manifest = pd.DataFrame(out, columns=MANIFEST_COLUMNS)
-    return manifest.astype({"width": "int64", "height": "int64", "size_bytes": "int64", "mtime_ns": "int64"}), decoded
+    return manifest.astype({"width": "int64", "height": "int64", "size_bytes": "int64", "mtime_ns": "int64"}), decoded.computed
 
 
 def summarize(manifest: pd.DataFrame) -> str:

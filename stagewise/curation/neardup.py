@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,12 +32,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from pydantic import Field
-from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
 from stagewise.curation.clip import ClipConfig, Embedder
-from stagewise.images import ImageError, load_verified
-from stagewise.store import ResultStore
+from stagewise.images import load_verified
+from stagewise.store import ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -96,29 +94,14 @@ def sharpness(img: Image.Image) -> float:
 
 
 def hash_new(rows: pd.DataFrame, cfg: NearDupConfig, store_dir: Path) -> tuple[dict, dict[str, str], int]:
-    """(memo sha256 -> {phash, sharpness}, decode errors, how many images were hashed this run)."""
-    store = ResultStore(store_dir, hash_fingerprint(cfg))
-    memo = store.lookup()
-    todo = list(rows.loc[~rows["sha256"].isin(memo), ["path", "sha256"]].drop_duplicates("sha256").itertuples(index=False))
-    errors: dict[str, str] = {}
+    """(sha256 -> {phash, sharpness}, decode errors, how many images were hashed this run)."""
 
-    def work(row) -> tuple[str, dict | None, str | None]:
-        try:
-            img = load_verified(row.path, row.sha256, cfg.max_pixels)
-        except ImageError as exc:
-            return row.sha256, None, str(exc)
-        return row.sha256, {"phash": image_hash(img, cfg), "sharpness": sharpness(img)}, None
+    def hashes(row) -> dict:  # in a decoding thread
+        img = load_verified(row.path, row.sha256, cfg.max_pixels)
+        return {"phash": image_hash(img, cfg), "sharpness": sharpness(img)}
 
-    if todo:
-        log.info("near_dup: hashing %d new images (%d memoised)", len(todo), len(rows) - len(todo))
-        with store, ThreadPoolExecutor(cfg.workers) as pool:
-            for key, result, error in tqdm(pool.map(work, todo), total=len(todo), desc="near_dup hash", unit="img", mininterval=1.0):
-                if error is not None:
-                    errors[key] = error  # not memoised: the file may be fixed without its hash changing
-                    continue
-                store.add(key, **result)
-                memo[key] = result
-    return memo, errors, len(todo) - len(errors)
+    result = memo_map(rows, ResultStore(store_dir, hash_fingerprint(cfg)), hashes, workers=cfg.workers, desc="near_dup hash")
+    return result.values, result.errors, result.computed
 
 
 # ------------------------------------------------------------------------------------------------ pairs

@@ -36,7 +36,6 @@ import json
 import logging
 import re
 import string
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +44,12 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 from pydantic import Field, field_validator
-from tqdm import tqdm
 
 from stagewise.cli import StageError
 from stagewise.config import Section, fingerprint
 from stagewise.hub import DType, identity, load_pretrained, resolve, torch_dtype
-from stagewise.images import ImageError, load_rgb, load_verified
-from stagewise.store import ResultStore
+from stagewise.images import load_rgb, load_verified
+from stagewise.store import Lazy, ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -352,32 +350,6 @@ class AskResult:
     asked: int  # images the model ran on this call (the rest were memoised)
 
 
-class _Error(str):
-    """Why an image could not be read (a distinct type: a prepared image is never one)."""
-
-
-def _load_checked(row: Any, max_pixels: int) -> Image.Image | _Error:
-    """Read, check against the manifest's sha256 and decode one row; a string is why it could not be."""
-    try:
-        return load_verified(row.path, row.sha256, max_pixels)
-    except ImageError as exc:
-        return _Error(exc)
-
-
-class _LazyModel:
-    """The model, loaded by the first decoding thread that has an image for it: a run whose only new rows
-    are unreadable files never loads it. Thread-safe."""
-
-    def __init__(self, model: ImageTextModel | None, located: ModelRef, cfg: VlmConfig, section: str):
-        self._model, self._located, self._cfg, self._section, self._lock = model, located, cfg, section, threading.Lock()
-
-    def get(self) -> ImageTextModel:
-        with self._lock:
-            if self._model is None:
-                self._model = load_image_text_model(self._located, section=self._section, device=self._cfg.device, dtype=self._cfg.dtype)
-            return self._model
-
-
 def answers_for(rows: pd.DataFrame, cfg: VlmConfig, store_dir: Path, model: ImageTextModel | None = None, section: str = SECTION) -> AskResult:
     """Answers for every distinct image in ``rows`` (columns path, sha256), asking the model only about
     images not memoised in ``store_dir``. Decoding and preprocessing of the next batches run in
@@ -389,31 +361,17 @@ def answers_for(rows: pd.DataFrame, cfg: VlmConfig, store_dir: Path, model: Imag
     located = model.located if model is not None else locate(cfg.model, section=section, revision=cfg.revision)
     # A slow VLM answers a few images a second: flush every 4 batches so a killed run loses seconds, not minutes.
     store = ResultStore(store_dir, answers_fingerprint(located.identity, cfg), flush_every=max(cfg.batch_size * 4, 16))
-    memo = store.lookup()
-    answers = {sha: json.loads(row["answers"]) for sha, row in memo.items()}
-    todo = list(rows.loc[~rows["sha256"].isin(answers), ["path", "sha256"]].drop_duplicates("sha256").itertuples(index=False))
-    errors: dict[str, str] = {}
-    if todo:
-        from stagewise.cache import prefetched  # generic: loads the next batches in threads while one is consumed
+    lazy = Lazy(lambda: load_image_text_model(located, section=section, device=cfg.device, dtype=cfg.dtype), model)
 
-        log.info("%s: asking %d question(s) about %d new images (%d memoised)", section, len(cfg.questions), len(todo), len(rows) - len(todo))
-        lazy = _LazyModel(model, located, cfg, section)
+    def prepare(row: Any) -> Any:  # in a decoding thread; an unreadable image never loads the model
+        image = load_verified(row.path, row.sha256, cfg.max_pixels)
+        return lazy.get().prepare(image)
 
-        def load(row: Any) -> Any:  # in a decoding thread
-            img = _load_checked(row, cfg.max_pixels)
-            return img if isinstance(img, _Error) else lazy.get().prepare(img)
+    def answer(batch: list[Any], prepared: list[Any]) -> list[dict[str, str]]:
+        return [{"answers": json.dumps(got, sort_keys=True)} for got in _ask_batch(lazy.get(), prepared, cfg)]
 
-        batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-        with store, tqdm(total=len(todo), desc=section, unit="img", mininterval=1.0) as bar:
-            for batch, loaded in prefetched(batches, load, cfg.workers):
-                good = [(row, item) for row, item in zip(batch, loaded) if not isinstance(item, _Error)]
-                errors.update({row.sha256: str(item) for row, item in zip(batch, loaded) if isinstance(item, _Error)})
-                if good:
-                    for (row, _), result in zip(good, _ask_batch(lazy.get(), [item for _, item in good], cfg)):
-                        store.add(row.sha256, answers=json.dumps(result, sort_keys=True))
-                        answers[row.sha256] = result
-                bar.update(len(batch))
-    return AskResult(answers, errors, len(todo) - len(errors))
+    result = memo_map(rows, store, prepare, answer, batch_size=cfg.batch_size, workers=cfg.workers, desc=section)
+    return AskResult({sha: json.loads(values["answers"]) for sha, values in result.values.items()}, result.errors, result.computed)
 
 
 # ------------------------------------------------------------------------------------------------ stage

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +35,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 from pydantic import Field, model_validator
-from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
 from stagewise.curation.clip import ClipConfig, Embedder, zero_shot
 from stagewise.curation.vlm import Question, VlmConfig, answers_for, matching
 from stagewise.curation.vlm import locate as locate_vlm
-from stagewise.images import ImageError, load_verified
+from stagewise.images import load_verified
 from stagewise.io import sha256_file
-from stagewise.store import ResultStore
+from stagewise.store import ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -390,36 +388,20 @@ def run_cascade(
 
 def detect_new(kept: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_path: Path) -> tuple[dict, dict[str, str], int]:
     """Detector boxes for every kept image, running the detector only on images not memoised.
-    Returns (memo by sha256, decode errors by sha256, how many images the detector ran on)."""
-    store = ResultStore(store_dir, detector_fingerprint(cfg, model_path))
-    memo = store.lookup()
-    todo = list(kept.loc[~kept["sha256"].isin(memo)].drop_duplicates("sha256").itertuples(index=False))
-    errors: dict[str, str] = {}
+    Returns (boxes etc. by sha256, decode errors by sha256, how many images the detector ran on)."""
+    threads = threads_for(cfg)
+    local = threading.local()  # one onnxruntime session per worker: each owns `threads` cores
 
-    if todo:
-        threads = threads_for(cfg)
-        local = threading.local()  # one onnxruntime session per worker: each owns `threads` cores
+    def detect(row) -> dict:  # in a worker thread: rapidocr runs one image at a time, so the workers run it
+        img = load_verified(row.path, row.sha256, cfg.max_pixels)
+        if not hasattr(local, "detector"):
+            log.info("text detector: a session of %d onnxruntime threads for one of %d workers", threads, cfg.workers)
+            local.detector = TextDetector(cfg, model_path, threads)
+        img = local.detector.prepare(img)
+        return {"input_width": img.width, "input_height": img.height, "boxes": json.dumps(local.detector.detect(img))}
 
-        def work(row) -> tuple[str, dict | None, str | None]:
-            try:
-                img = load_verified(row.path, row.sha256, cfg.max_pixels)
-            except ImageError as exc:
-                return row.sha256, None, str(exc)
-            if not hasattr(local, "detector"):
-                local.detector = TextDetector(cfg, model_path, threads)
-            img = local.detector.prepare(img)
-            boxes = local.detector.detect(img)
-            return row.sha256, {"input_width": img.width, "input_height": img.height, "boxes": json.dumps(boxes)}, None
-
-        log.info("text detector: %d new images, %d workers x %d onnxruntime threads", len(todo), cfg.workers, threads)
-        with store, ThreadPoolExecutor(cfg.workers) as pool:
-            for key, result, error in tqdm(pool.map(work, todo), total=len(todo), desc="watermark", unit="img", mininterval=1.0):
-                if error is not None:
-                    errors[key] = error  # not memoised: the file may be fixed without its hash changing
-                    continue
-                store.add(key, **result)
-                memo[key] = result
-    return memo, errors, len(todo) - len(errors)
+    result = memo_map(kept, ResultStore(store_dir, detector_fingerprint(cfg, model_path)), detect, workers=cfg.workers, desc="watermark")
+    return result.values, result.errors, result.computed
 
 
 def summarize(frame: pd.DataFrame) -> str:

@@ -35,8 +35,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from stagewise.config import Section
-
-DOMAINS = ("a", "b")  # the two domains of the swap; names match the cache's `domain` column
+from stagewise.domains import DOMAINS  # noqa: F401  (the two domains of the swap; re-exported here)
 
 
 class ModelConfig(Section):

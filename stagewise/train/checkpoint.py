@@ -10,8 +10,9 @@ Two kinds of file:
   epsilon, scaler, history, events). The JSON is written last, so a backup without it is incomplete and
   ignored. ``rolling`` backups are pruned to the newest K; ``start`` and ``end`` backups are kept.
 
-The fingerprint folder is keyed by the stage's resolved config and the parent model's hash, so a changed
-config or a changed parent starts fresh instead of resuming stale state.
+The fingerprint folder is keyed by the stage's resolved config, the codec, the parent model's hash, the
+cache rows and the content hash of the stage's code (``stagewise.code``), so a changed config, parent,
+dataset or code starts fresh from the parent instead of resuming stale state.
 """
 
 from __future__ import annotations

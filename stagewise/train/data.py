@@ -1,31 +1,47 @@
-"""Training data: one resolution of the latent cache, held on the device, in a reproducible order.
+"""Training data: one resolution of the latent cache, streamed from its shards in a reproducible order.
 
-The cache stores raw codec latents as float16 (``stagewise.latents``); they stay float16 on the device
-and are normalised per batch (``codec.normalize``), so changing the codec scale never re-encodes.
+The cache stores raw codec latents as float16 (``stagewise.latents``); a batch is read from the shards
+(``ShardReader``: the row groups it needs, a bounded cache of recent ones), stays float16 until it is on
+the device, and is normalised there (``codec.normalize``), so changing the codec scale never re-encodes.
+Neither host nor device memory grows with the dataset: they hold the row index (a few dozen bytes per
+row), the batches being prefetched, and the few held-out and preview rows.
 
 Held-out images (``holdout_per_domain``) are chosen by sha256, so every stage and every resolution
 holds out the same images, and they are never trained on (neither flip).
 
 The order is a pure function of the position: domain d's stream is the concatenation of permutations
-``randperm(N_d, seed=(seed, d, epoch))``, and a batch is a slice of that stream. A resumed run therefore
-draws exactly the batches an uninterrupted one would, with no data-loader state to save.
+``randperm(N_d, seed=(seed, d, epoch))`` over its rows in (sha256, flipped) order, and a batch is a slice
+of that stream. A resumed run therefore draws exactly the batches an uninterrupted one would, with no
+data-loader state to save. Since the next position is known (the loop asks for consecutive slices),
+background threads read the next ``PREFETCH_BATCHES`` batches of each domain ahead, into pinned memory
+on CUDA so the copy to the device does not block; a jump (resume, rollback) only discards them.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from stagewise.cli import StageError
 from stagewise.codecs import Codec
 from stagewise.config import fingerprint
-from stagewise.latents import from_rows, read_latents
+from stagewise.latents import ShardReader
 from stagewise.models.autoencoder import DOMAINS
 
 log = logging.getLogger(__name__)
 FIXED_ROWS = 8  # training rows kept aside for previews (preview_rows is at most this)
+# Batches per domain read ahead of the one the loop asks for: enough to cover a slow read (a row
+# group of an old-layout shard) behind a few steps, few enough that memory stays at a few batches.
+PREFETCH_BATCHES = 4
+READ_THREADS = 2  # one per domain: Parquet reads and the row copies release the GIL
+# Recent row groups kept decoded in host memory: a cache that small is read from disk once (the demo's,
+# or an old-layout shard); a bigger one streams, and memory stays at this bound whatever its size.
+CACHE_BYTES = 256 << 20
 
 
 def mix_seed(*parts: int) -> int:
@@ -40,22 +56,28 @@ def mix_seed(*parts: int) -> int:
 
 class StageData:
     def __init__(self, cache_dir: Path, codec: Codec, resolution_px: int, holdout_per_domain: int, use_flipped: bool, seed: int, device: torch.device):
-        self.codec, self.seed, self.device = codec, seed, device
+        self.codec, self.seed, self.device = codec, seed, torch.device(device)
         try:
-            frame = read_latents(cache_dir)
+            self.reader = ShardReader(cache_dir, CACHE_BYTES)
         except FileNotFoundError as exc:
             raise StageError(str(exc)) from None
+        frame = self.reader.index.sort_values(["domain", "sha256", "flipped"], kind="stable", ignore_index=True)
         codec_ids = sorted(set(frame["codec_id"]))
         if codec_ids != [codec.id]:
             raise StageError(f"{cache_dir}: latents were made by codec {', '.join(codec_ids)} but this run uses {codec.id}; rerun the cache stage (`dvc repro cache`)")
         resolutions = sorted(set(frame["resolution"]))
         if resolutions != [resolution_px]:
             raise StageError(f"{cache_dir}: holds resolution(s) {resolutions}, the stage trains at {resolution_px} px")
-        self.train: dict[str, torch.Tensor] = {}
-        self.heldout: dict[str, torch.Tensor] = {}
-        self.fixed: dict[str, torch.Tensor] = {}  # a few unflipped training rows, for previews
+        shapes = {tuple(s) for s in frame["shape"]}
+        if len(shapes) != 1:
+            raise StageError(f"{cache_dir}: latent rows have mixed shapes {sorted(shapes)}; one resolution per cache folder")
+        self._shape = shapes.pop()
+        self._row_bytes = 2 * int(np.prod(self._shape))  # float16
         self.has_flipped = bool(frame["flipped"].any())
         self.use_flipped = use_flipped and self.has_flipped
+        self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # domain -> (shard_id, position) per training row
+        self.heldout: dict[str, torch.Tensor] = {}
+        self.fixed: dict[str, torch.Tensor] = {}  # a few unflipped training rows, for previews
         ids = []
         for domain in DOMAINS:
             rows = frame[frame["domain"] == domain]
@@ -65,29 +87,43 @@ class StageData:
             held = set(shas[:holdout_per_domain])
             train_rows = rows[~rows["sha256"].isin(held) & (self.use_flipped | ~rows["flipped"])]
             held_rows = rows[rows["sha256"].isin(held) & ~rows["flipped"]]
-            self.train[domain] = from_rows(train_rows).to(device)
-            self.fixed[domain] = from_rows(train_rows[~train_rows["flipped"]].head(FIXED_ROWS)).to(device)
+            self._rows[domain] = (train_rows["shard_id"].to_numpy(np.int64), train_rows["position"].to_numpy(np.int64))
+            self.fixed[domain] = self._load(train_rows[~train_rows["flipped"]].head(FIXED_ROWS)).to(self.device)
             if len(held_rows):
-                self.heldout[domain] = from_rows(held_rows).to(device)
+                self.heldout[domain] = self._load(held_rows).to(self.device)
             ids += [f"{domain}:{s}:{int(f)}" for s, f in zip(train_rows["sha256"], train_rows["flipped"])]
         self.fingerprint = fingerprint(codec.id, resolution_px, ids)  # which rows, in which order
         self._perm: dict[tuple[int, int], torch.Tensor] = {}
+        self._pin = self.device.type == "cuda"
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="stage-data")
+        self._ahead: dict[tuple[str, int, int], Future] = {}
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return tuple(self.train[DOMAINS[0]].shape[1:])
+        return self._shape
 
     def count(self, domain: str) -> int:
-        return len(self.train[domain])
+        return len(self._rows[domain][0])
+
+    def _load(self, rows: pd.DataFrame) -> torch.Tensor:
+        """Raw float16 latents of index ``rows`` (N, C, H, W) in host memory."""
+        return self._read(rows["shard_id"].to_numpy(np.int64), rows["position"].to_numpy(np.int64), pin=False)
+
+    def _read(self, shard_ids: np.ndarray, positions: np.ndarray, pin: bool) -> torch.Tensor:
+        out = torch.empty((len(positions), *self._shape), dtype=torch.float16, pin_memory=pin)
+        self.reader.read(shard_ids, positions, out.view(len(positions), -1).view(torch.uint8).numpy())
+        return out
 
     def _permutation(self, domain_index: int, epoch: int) -> torch.Tensor:
         key = (domain_index, epoch)
-        if key not in self._perm:
-            n = len(self.train[DOMAINS[domain_index]])
+        perm = self._perm.get(key)
+        if perm is None:  # a prefetch thread and the loop may both get here: both compute the same tensor
+            n = self.count(DOMAINS[domain_index])
             gen = torch.Generator().manual_seed(mix_seed(self.seed, domain_index, epoch))
-            self._perm = {k: v for k, v in self._perm.items() if k[1] >= epoch - 1}  # keep memory flat
-            self._perm[key] = torch.randperm(n, generator=gen).to(self.device)
-        return self._perm[key]
+            perm = torch.randperm(n, generator=gen)
+            # one assignment of a new dict (no mutation another thread could see half done); memory stays flat
+            self._perm = {k: v for k, v in self._perm.items() if k[0] != domain_index or k[1] >= epoch - 1} | {key: perm}
+        return perm
 
     def indices(self, domain: str, position: int, count: int) -> torch.Tensor:
         """Rows ``position .. position + count`` of the domain's endless shuffled stream."""
@@ -101,10 +137,22 @@ class StageData:
             pos += take
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _gather(self, domain: str, position: int, count: int) -> torch.Tensor:
+        """The raw float16 batch in host memory (pinned on CUDA)."""
+        rows = self.indices(domain, position, count).numpy()
+        shard_ids, positions = self._rows[domain]
+        return self._read(shard_ids[rows], positions[rows], pin=self._pin)
+
     def batch(self, domain: str, position: int, count: int) -> torch.Tensor:
         """Normalised float32 latents (count, C, H, W) on the device."""
-        raw = self.train[domain].index_select(0, self.indices(domain, position, count))
-        return self.codec.normalize(raw.float())
+        future = self._ahead.pop((domain, position, count), None)
+        raw = future.result() if future is not None else self._gather(domain, position, count)
+        wanted = {(domain, position + k * count, count) for k in range(1, PREFETCH_BATCHES + 1)}
+        for key in [k for k in self._ahead if k[0] == domain and k not in wanted]:  # a jump: drop the stale ones
+            self._ahead.pop(key).cancel()
+        for key in sorted(wanted - set(self._ahead)):
+            self._ahead[key] = self._pool.submit(self._gather, *key)
+        return self.codec.normalize(raw.to(self.device, non_blocking=True).float())
 
     def first(self, domain: str, count: int, heldout: bool = False) -> torch.Tensor:
         """The first ``count`` images (unflipped) in sha256 order: fixed rows for previews and metrics."""
@@ -112,3 +160,10 @@ class StageData:
         if source is None:
             return torch.empty(0, device=self.device)
         return self.codec.normalize(source[:count].float())
+
+    def close(self) -> None:
+        """Stop the prefetch threads (they also stop at exit)."""
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+        self._pool.shutdown(wait=True)

@@ -8,10 +8,13 @@ stage that grows trains only the new level.
 
 Frozen parameters get ``requires_grad=False`` and are never handed to the optimizer, so they receive no
 gradient, no update, no weight decay and no optimizer state: they are bit-identical after the stage.
+``resolve`` does it once per stage; its ``Trainable`` (names and parameters, in model order) is what the
+optimizer, the gradient clipping and the backups' optimizer-state names all use.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -30,6 +33,19 @@ def matches(pattern: str, name: str, old: set[str]) -> bool:
     return any(fnmatchcase(prefix, pattern) for prefix in _prefixes(name))
 
 
+class FreezeError(ValueError):
+    """The patterns cannot be applied to this model (the message names the pattern)."""
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """What a stage's freeze patterns leave to train, resolved once: the optimizer's parameters in model order."""
+
+    names: list[str]
+    params: list[nn.Parameter]
+    frozen: frozenset[str]
+
+
 def frozen_names(model: nn.Module, patterns: list[str], old: set[str]) -> tuple[set[str], list[str]]:
     """(names of the parameters the patterns freeze, the patterns that match nothing)."""
     names = [n for n, _ in model.named_parameters()]
@@ -43,11 +59,19 @@ def frozen_names(model: nn.Module, patterns: list[str], old: set[str]) -> tuple[
     return frozen, unmatched
 
 
-def apply_freeze(model: nn.Module, frozen: set[str]) -> list[nn.Parameter]:
-    """Set requires_grad per ``frozen``; return the trainable parameters (the optimizer's, in model order)."""
-    trainable = []
+def resolve(model: nn.Module, patterns: list[str], old: set[str]) -> Trainable:
+    """Freeze what ``patterns`` match (``requires_grad=False``) and return what is left to train. Raises
+    ``FreezeError`` for a pattern that matches nothing, or patterns that would freeze everything."""
+    frozen, unmatched = frozen_names(model, patterns, old)
+    for pattern in unmatched:
+        hint = "the model has not grown yet (it is at the init resolution)" if pattern == OLD else "parameter names look like encoder.blocks.16.conv1.weight, inter.dense1.weight, decoder_a.outputs.16.conv.bias"
+        raise FreezeError(f"pattern {pattern!r} matches no parameter; {hint}")
+    if len(frozen) == len(list(model.parameters())):
+        raise FreezeError("the patterns freeze every parameter: nothing would train")
+    names, params = [], []
     for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen)
         if name not in frozen:
-            trainable.append(param)
-    return trainable
+            names.append(name)
+            params.append(param)
+    return Trainable(names, params, frozenset(frozen))

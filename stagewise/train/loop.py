@@ -1,15 +1,19 @@
 """One training stage: parent model in, ``runs/<stage>/`` out. To resume, run the same command again.
 
 The loop (``StageTrainer.run``) is edm2's: status -> snapshot -> checkpoint -> done -> step, with progress
-counted in images (both domains together). Everything it calls is a short method below:
+counted in images (both domains together). What is due when is the schedule's (``schedule.schedule``: a
+pure function of images seen); the loop only reads it. Everything it calls is a short method below, each
+doing one thing:
 
-    setup     load the parent, grow it if the stage doubles the resolution, freeze, load the cache,
-              resume from the newest good backup of the same config (or save the ``start`` backup)
-    step      per domain a batch (flip), warp the *input* only, autocast forward, losses (+ GAN),
-              backward, unscale / clip, one optimizer step that a non-finite loss or gradient skips
-              on the device, LRD around it, EMA after it
-    status    the one place that syncs: losses -> history row, NaN-guard check (-> rollback)
-    finish    preview.png, metrics.json, history.tsv, model.safetensors + meta.json, events.jsonl
+    setup      load the parent, grow it if the stage doubles the resolution, freeze, load the cache,
+               resume from the newest good backup of the same config (or save the ``start`` backup)
+    step       the schedule's fade / LR, per domain a batch (flip), warp the *input* only, autocast
+               forward, losses (+ GAN), backward, unscale / clip, one optimizer step that a non-finite
+               loss or gradient skips on the device, LRD around it, EMA after it
+    status     the one place that syncs: losses -> history row, and the NaN guard's verdict
+    rollback   the loop's answer to a tripped guard (or to weights it refused to save)
+    checkpoint save a backup; short_cycle reloads it
+    finish     preview.png, metrics.json, history.tsv, model.safetensors + meta.json, events.jsonl
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from stagewise.cli import StageError
+from stagewise.code import code_fingerprint
 from stagewise.codecs import CodecConfig, load_codec
 from stagewise.config import fingerprint
 from stagewise.device import pick_device
@@ -33,13 +38,14 @@ from stagewise.io import sha256_file, write_json, write_text
 from stagewise.models.autoencoder import DOMAINS, grow
 from stagewise.train import checkpoint as ckpt
 from stagewise.train.data import StageData, mix_seed
-from stagewise.train.freeze import OLD, frozen_names
+from stagewise.train.freeze import FreezeError, Trainable, resolve
 from stagewise.train.gan import d_loss, frozen, g_loss
 from stagewise.train.guard import NanGuard, skip_if_not_finite
 from stagewise.train.losses import reconstruction_loss
 from stagewise.train.metrics import evaluate
 from stagewise.train.preview import write_preview
 from stagewise.train.recipe import INIT, StageConfig, TrainConfig, stage_error
+from stagewise.train.schedule import Schedule, schedule
 from stagewise.train.state import TrainState
 from stagewise.train.warp import random_flip, random_warp
 
@@ -65,14 +71,6 @@ class StageJob:
         return self.train.stages[self.name]
 
 
-def _next(images: int, every_kimg: float | None) -> float:
-    """The next multiple of ``every_kimg`` after ``images`` (a pure function of progress: resume-safe)."""
-    if not every_kimg:
-        return float("inf")
-    every = max(1, round(every_kimg * 1000))
-    return (images // every + 1) * every
-
-
 class StageTrainer:
     def __init__(self, job: StageJob):
         self.job, self.cfg, self.name = job, job.cfg, job.name
@@ -81,28 +79,27 @@ class StageTrainer:
         self.codec = load_codec(job.codec, self.device)
         self.model, parent_meta = self._load_parent()
         self.grew = self.model.resolution_px == 2 * parent_meta["architecture"]["resolution_px"]
-        self.frozen = self._frozen_names()
+        self.trainable = self._freeze()
         self.data = StageData(job.cache_dir, self.codec, cfg.resolution_px, cfg.holdout_per_domain, cfg.flip, cfg.seed, self.device)
         expected = (self.model.channels, self.model.latent_px, self.model.latent_px)
         if self.data.latent_shape != expected:
             raise StageError(f"{job.cache_dir}: latents are {self.data.latent_shape}, the model at {cfg.resolution_px} px expects {expected}")
         self.flip_on_the_fly = cfg.flip and not self.data.has_flipped
-        self.state = TrainState(self.model, cfg, self.frozen, self.device)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.guard = NanGuard(self.device)
+        self.state = TrainState(self.model, cfg, self.trainable, self.device)
+        self.guard = NanGuard(self.device, cfg.guard.max_bad_steps)
         self.gen = torch.Generator(device=self.device)  # reseeded every step from (seed, step)
         self.encode, self.decode = self.model.encode, self.model.decode
         if job.train.compile:
             self.encode, self.decode = torch.compile(self.model.encode), torch.compile(self.model.decode)
         self.parent_sha256 = sha256_file(job.parent_dir / ckpt.MODEL_FILE)
         self.parent_meta = parent_meta
-        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint)
+        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint, code_fingerprint())
         self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
         self.sums: dict[str, torch.Tensor] = {}
         self.sum_steps = 0
         self._resume_or_start()
-        # images_seen at the last status / backup / snapshot / short cycle: the next is due one interval on
-        self.last_status = self.last_save = self.last_preview = self.last_cycle = self.state.images_seen
+        # The one point that moves only when it is taken: a short cycle is due at the first rolling backup past it.
+        self.next_cycle = self.plan().next_cycle
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -122,15 +119,11 @@ class StageTrainer:
             raise stage_error(self.name, "resolution_px", f"{cfg.resolution_px} is neither the parent's ({cfg.parent}: {parent_px} px) nor twice it")
         return model, meta
 
-    def _frozen_names(self) -> set[str]:
-        old = self.model.old_names()
-        frozen, unmatched = frozen_names(self.model, self.cfg.freeze, old)
-        for pattern in unmatched:
-            hint = "the model has not grown yet (it is at the init resolution)" if pattern == OLD else "parameter names look like encoder.blocks.16.conv1.weight, inter.dense1.weight, decoder_a.outputs.16.conv.bias"
-            raise stage_error(self.name, "freeze", f"pattern {pattern!r} matches no parameter; {hint}")
-        if len(frozen) == len(list(self.model.parameters())):
-            raise stage_error(self.name, "freeze", "the patterns freeze every parameter: nothing would train")
-        return frozen
+    def _freeze(self) -> Trainable:
+        try:
+            return resolve(self.model, self.cfg.freeze, old=self.model.old_names())
+        except FreezeError as exc:
+            raise stage_error(self.name, "freeze", str(exc)) from None
 
     def _resume_or_start(self) -> None:
         if removed := self.backups.remove_partial_writes():
@@ -142,38 +135,53 @@ class StageTrainer:
             self.event("resumed", backup=str(backup.tensors_path), from_kimg=backup.images_seen / 1000)
         else:
             freeze_changed = sorted(self.cfg.freeze) != sorted(self.parent_meta.get("config", {}).get("freeze", []))
-            self.event("started", grew=self.grew, frozen_tensors=len(self.frozen), trainable_tensors=len(self.trainable), freeze_changed=freeze_changed)
+            self.event("started", grew=self.grew, frozen_tensors=len(self.trainable.frozen), trainable_tensors=len(self.trainable.params), freeze_changed=freeze_changed)
             self.checkpoint("start")
 
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict[str, Any]:
-        st, cfg = self.state, self.cfg
-        total = cfg.length_images
+        st, total = self.state, self.cfg.length_images
         self.pbar = tqdm(total=total, initial=min(st.images_seen, total), unit="img", desc=self.name, disable=not self.job.progress, leave=False)
-        self.clock = time.perf_counter()
+        self.clock, self.status_images = time.perf_counter(), st.images_seen  # for the rows' wall_s and images_per_s
+        plan = self.plan()  # seen from where the stage (re)starts: nothing is due before its next points
         while True:
             done = st.images_seen >= total
-            if (done or st.images_seen >= _next(self.last_status, cfg.log_every_kimg)) and self.status():
-                continue  # rolled back to a backup: re-plan from its progress
-            if not done and st.images_seen >= _next(self.last_preview, cfg.preview_every_kimg):
+            if done or st.images_seen >= min(plan.next_log, plan.next_save):  # a row before each backup: it holds the history
+                self.status()
+                if self.guard.tripped:
+                    plan = self.rollback(f"{self.guard.longest_run} consecutive non-finite steps")
+                    continue
+            if not done and st.images_seen >= plan.next_preview:
                 self.snapshot()
-            if (done or st.images_seen >= _next(self.last_save, cfg.save_every_kimg)) and self.checkpoint("end" if done else "rolling"):
-                continue
+            if done or st.images_seen >= plan.next_save:
+                try:
+                    backup = self.checkpoint("end" if done else "rolling")
+                except ckpt.NonFiniteError as exc:  # never saved
+                    plan = self.rollback(f"non-finite weights ({exc})")
+                    continue
+                if not done and st.images_seen >= self.next_cycle:
+                    self.short_cycle(backup)
             if done:
                 break
-            self.step()
+            plan = self.plan()
+            self.step(plan)
         self.pbar.close()
         return self.finish()
 
-    def step(self) -> None:
+    def plan(self) -> Schedule:
+        """The plan at the current progress (and this run's NaN-rollback scales)."""
+        st = self.state
+        return schedule(self.cfg, st.images_seen, grew=self.grew, lr_scale=st.lr_scale, eps_scale=st.eps_scale)
+
+    def step(self, plan: Schedule | None = None) -> None:
         st, cfg, model = self.state, self.cfg, self.model
+        plan = self.plan() if plan is None else plan
         batch, accum = cfg.batch_size, cfg.grad_accum
         self.gen.manual_seed(mix_seed(cfg.seed, st.step, 1))
-        model.fade = min(1.0, st.images_seen / (cfg.fade_in_kimg * 1000)) if self.grew and cfg.fade_in_kimg else 1.0
+        model.fade = plan.fade
         encode, decode = (self.encode, self.decode) if model.fade == 1.0 else (model.encode, model.decode)  # fade changes every step: no recompiles
-        if cfg.lr_warmup_kimg:  # the ramp: a float per param group, no device work
-            st.apply_hparams()
+        st.apply(plan)
         poison = self.guard.poisoned(st.step)
         st.opt.zero_grad(set_to_none=True)
         if st.d_opt is not None:
@@ -228,7 +236,7 @@ class StageTrainer:
                 st.scaler.unscale_(opt)
         finite = torch.isfinite(loss)
         norms = []
-        for params in [self.trainable] + ([list(st.disc.parameters())] if st.disc is not None else []):
+        for params in [self.trainable.params] + ([list(st.disc.parameters())] if st.disc is not None else []):
             grads = [p.grad for p in params if p.grad is not None]
             if cfg.clip_grad:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad, foreach=True)
@@ -266,33 +274,31 @@ class StageTrainer:
 
     # --------------------------------------------------------------------------------- status, guard
 
-    def status(self) -> bool:
-        """Sync once: a history row, and the NaN guard's verdict. True when it rolled back."""
-        st, cfg = self.state, self.cfg
+    def status(self) -> None:
+        """Sync once: a history row of the losses since the last status, and the NaN guard's count (``guard.tripped``)."""
+        st = self.state
         now = time.perf_counter()
-        seconds, images = now - self.clock, st.images_seen - self.last_status
+        seconds, images = now - self.clock, st.images_seen - self.status_images
         st.wall_s += seconds
-        self.clock, self.last_status = now, st.images_seen
-        longest, skipped = self.guard.check()
+        self.clock, self.status_images = now, st.images_seen
+        _, skipped = self.guard.check()
         if self.sum_steps:
             keys = list(self.sums)
             values = dict(zip(keys, torch.stack([torch.as_tensor(self.sums[k], device=self.device, dtype=torch.float32) for k in keys]).tolist()))
             finite_steps = max(values.pop("_finite_steps"), 1.0)
             row = {"kimg": round(st.images_seen / 1000, 3), "images_seen": st.images_seen, "step": st.step, "wall_s": round(st.wall_s, 2)}
             row["images_per_s"] = round(images / max(seconds, 1e-9), 2)
-            row["lr"] = st.lr_now()
+            row["lr"] = self.plan().lr
             row.update({k: v / finite_steps for k, v in values.items()})
             row["skipped_steps"] = skipped
             st.history.append(row)
             self.pbar.set_postfix(loss_a=f"{row.get('loss_a', float('nan')):.4f}", loss_b=f"{row.get('loss_b', float('nan')):.4f}", refresh=False)
             log.debug("%s", row)
         self.sums, self.sum_steps = {}, 0
-        if longest >= cfg.guard.max_bad_steps:
-            self.rollback(f"{longest} consecutive non-finite steps")
-            return True
-        return False
 
-    def rollback(self, reason: str) -> None:
+    def rollback(self, reason: str) -> Schedule:
+        """Back to the last good backup with a lower LR and a higher epsilon; the plan from there. Past
+        ``guard.max_rollbacks`` (or with no backup) the stage fails, naming the last good backup."""
         st, guard = self.state, self.cfg.guard
         backup = self.backups.latest(max_images=st.images_seen)
         where = f"at {st.images_seen / 1000:g} kimg (step {st.step})"
@@ -309,41 +315,35 @@ class StageTrainer:
         st.rollbacks += 1
         st.lr_scale *= guard.lr_factor
         st.eps_scale *= guard.eps_factor
-        st.apply_hparams()
         self.guard.reset()
-        self.last_status = self.last_save = self.last_preview = st.images_seen
+        self.status_images = st.images_seen
         self.pbar.reset(total=self.cfg.length_images)
         self.pbar.update(st.images_seen)
-        self.event("rollback", reason=f"{reason} {where}", backup=str(backup.tensors_path), to_kimg=backup.images_seen / 1000, lr=self.cfg.lr * st.lr_scale, eps=self.cfg.eps * st.eps_scale, rollbacks=st.rollbacks)
+        plan = self.plan()
+        self.event("rollback", reason=f"{reason} {where}", backup=str(backup.tensors_path), to_kimg=backup.images_seen / 1000, lr=plan.lr, eps=plan.eps, rollbacks=st.rollbacks)
+        return plan
 
     # ------------------------------------------------------------------------------ snapshot, backups
 
     def snapshot(self) -> None:
-        self.last_preview = self.state.images_seen
         with self.output_weights():
             write_preview(self.job.out_dir / "preview.png", self.model, self.codec, self.preview_sources())
 
-    def checkpoint(self, kind: str) -> bool:
-        """Save a backup (never one with non-finite weights). True when a NaN forced a rollback instead."""
+    def checkpoint(self, kind: str) -> ckpt.Backup:
+        """Save a backup. Raises ``ckpt.NonFiniteError`` (nothing written) for weights that hold NaN or inf."""
         st = self.state
-        if kind != "start" and self.status():  # the guard gets its say before anything is written
-            return True
-        cycle = kind == "rolling" and st.images_seen >= _next(self.last_cycle, self.cfg.short_cycle_kimg)
-        self.last_save = st.images_seen
         try:
-            backup = self.backups.save(kind, st.images_seen, st.tensors(), {**st.meta(), "stage": self.name})
-        except ckpt.NonFiniteError as exc:
-            self.rollback(f"non-finite weights ({exc})")
-            return True
+            return self.backups.save(kind, st.images_seen, st.tensors(), {**st.meta(), "stage": self.name})
         except ckpt.SaveError as exc:  # a full disk is the user's to fix, not a bug: say so, and what is safe
             good = self.backups.latest()
             kept = f"the backups already written are intact, the newest is {good.tensors_path} ({good.images_seen / 1000:g} kimg)" if good else "no backup was written yet"
             raise StageError(f"stage {self.name}: {exc}; {kept}. Free some disk space and run the same command again: it resumes from there.") from None
-        if cycle:  # short cycle: reload what was just saved, as a restart would
-            self.last_cycle = st.images_seen
-            st.load(*backup.load(self.device))
-            self.event("short_cycle", backup=str(backup.tensors_path))
-        return False
+
+    def short_cycle(self, backup: ckpt.Backup) -> None:
+        """Reload what was just saved, as a restart would (the seed idea: a resume must change nothing)."""
+        self.state.load(*backup.load(self.device))
+        self.next_cycle = self.plan().next_cycle
+        self.event("short_cycle", backup=str(backup.tensors_path))
 
     def event(self, kind: str, **fields: Any) -> None:
         st = self.state
@@ -396,7 +396,7 @@ class StageTrainer:
             "wall_s": round(st.wall_s, 1),
             "rollbacks": st.rollbacks,
             "ema_weights": st.ema is not None and cfg.ema.use_for_output,
-            "frozen": sorted(self.frozen),
+            "frozen": sorted(self.trainable.frozen),
             "config": cfg.model_dump(mode="json"),
             "fingerprint": self.fingerprint,
             # Random streams are seeded from (config.seed, step), so the step is the whole rng state.

@@ -18,10 +18,11 @@ from stagewise.models.autoencoder import Autoencoder
 from stagewise.train.data import mix_seed
 from stagewise.train.checkpoint import load_optimizer_tensors, optimizer_tensors
 from stagewise.train.ema import EMA
-from stagewise.train.freeze import apply_freeze
+from stagewise.train.freeze import Trainable
 from stagewise.train.gan import make_discriminator
 from stagewise.train.lrd import LRDropout
 from stagewise.train.recipe import StageConfig
+from stagewise.train.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, betas, eps:
 
 
 class TrainState:
-    def __init__(self, model: Autoencoder, cfg: StageConfig, frozen: set[str], device: torch.device):
+    def __init__(self, model: Autoencoder, cfg: StageConfig, trainable: Trainable, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
-        trainable = apply_freeze(model, frozen)
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.opt = make_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, device)
+        self.param_names = trainable.names
+        # lr and eps here are placeholders: every step sets the schedule's (``apply``)
+        self.opt = make_optimizer(trainable.params, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay, device)
         # fp16 needs loss scaling (its exponent range loses small gradients); bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.ema = EMA(model, cfg.ema.halflife_kimg, cfg.ema.rampup_ratio) if cfg.ema.halflife_kimg else None
@@ -65,22 +66,12 @@ class TrainState:
         self.wall_s = 0.0  # training time over every run of this stage (resumes included)
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        self.apply_hparams()
 
-    def lr_now(self) -> float:
-        """The model's LR at this point of the stage: warm-up ramp x NaN-rollback scale (a pure function of progress)."""
-        warmup = self.cfg.lr_warmup_kimg * 1000
-        ramp = min(1.0, (self.images_seen + 1) / warmup) if warmup else 1.0
-        return self.cfg.lr * self.lr_scale * ramp
-
-    def apply_hparams(self) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_now()
-            group["eps"] = self.cfg.eps * self.eps_scale
-        if self.d_opt is not None:
-            for group in self.d_opt.param_groups:
-                group["lr"] = self.cfg.gan.lr * self.lr_scale
-                group["eps"] = self.cfg.gan.eps * self.eps_scale
+    def apply(self, plan: Schedule) -> None:
+        """Give the optimizers the schedule's learning rates and epsilons (floats: no device work)."""
+        for opt, lr, eps in ((self.opt, plan.lr, plan.eps), (self.d_opt, plan.d_lr, plan.d_eps)):
+            for group in opt.param_groups if opt is not None else []:
+                group["lr"], group["eps"] = lr, eps
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -128,4 +119,3 @@ class TrainState:
             self.history, self.events = list(meta["history"]), list(meta["events"])
         else:
             self.history = [row for row in self.history if row["images_seen"] <= self.images_seen]
-        self.apply_hparams()
