@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--kimg-256", type=float, default=1.0, help="length of s256_locked + s256 together, split 1:1 (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.001, help="every stage's learning rate (default: %(default)s, the demo's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.defaults, e.g. random_warp=false")
-    parser.add_argument("--keep", help="keep the work folder here instead of a temp dir")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".stagewise" / "quality", help="crops and their latent caches, reused by the next run (git-ignored; default: %(default)s)")
+    parser.add_argument("--keep", help="keep the training runs here instead of a temp dir")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not args.datasets.is_dir():
@@ -138,17 +139,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         clock = time.perf_counter()
-        frames = write_images(args.datasets, args.subjects, args.crops, args.holdout_photos, work / "images")
-        for split, frame in frames.items():
+        store = args.cache_dir / f"{'-'.join(args.subjects)}-{args.crops}x-{args.holdout_photos}"
+        frames = write_images(args.datasets, args.subjects, args.crops, args.holdout_photos, store / "images")
+        for split, frame in frames.items():  # incremental: a second run encodes nothing
             for px in SIZES:
-                update_cache(frame, work / "cache" / split / str(px), px, codec, cache_cfg if split == "train" else cache_cfg.model_copy(update={"flip": False}))
+                update_cache(frame, store / "cache" / split / str(px), px, codec, cache_cfg if split == "train" else cache_cfg.model_copy(update={"flip": False}))
         print(f"cache: {sum(len(f) for f in frames.values())} images at {SIZES} px in {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
         init = init_model(model_cfg, codec.channels, codec.factor)
         ckpt.save_model(work / "runs" / "init", init, {"stage": "init", "codec_id": codec.id, "config": {}})
         params_m = sum(p.numel() for p in init.parameters()) / 1e6
         images = seconds = 0.0
         for name, stage in train.stages.items():
-            job = StageJob(name, train, codec_cfg, work / "runs" / stage.parent, work / "cache" / "train" / str(stage.resolution_px), work / "runs" / name, work / "runs" / name / "backups", progress=False)
+            job = StageJob(name, train, codec_cfg, work / "runs" / stage.parent, store / "cache" / "train" / str(stage.resolution_px), work / "runs" / name, work / "runs" / name / "backups", progress=False)
             start = time.perf_counter()
             metrics = run_stage(job)
             seconds += time.perf_counter() - start
@@ -165,7 +167,7 @@ def main() -> None:
         print(f"{'domain':6} {'images':>6} {'model vs latent':>18} {'model vs photo':>18} {'codec ceiling':>18}")
         totals = []
         for domain in DOMAINS:
-            x = heldout_latents(work / "cache" / "heldout" / str(top), codec, domain)
+            x = heldout_latents(store / "cache" / "heldout" / str(top), codec, domain)
             photos = photo_pixels(frames["heldout"], domain, top)
             with torch.no_grad():
                 pred = torch.cat([model(chunk, domain) for chunk in x.split(8)])

@@ -55,7 +55,9 @@ def fake_cache(folder: Path, codec_id: str, shape: tuple[int, int, int], resolut
         for i in range(IMAGES_PER_DOMAIN):
             latent = torch.randn(shape, generator=gen)
             sha = hashlib.sha256(f"{domain}{i}".encode()).hexdigest()
-            writer.add(sha256=sha, domain=domain, resolution=resolution_px, codec_id=codec_id, shape=list(shape), latent=to_bytes(latent), flipped=False, caption="", fingerprint="bench")
+            for flipped in (False, True):  # the cache's mirrored rows (a TAEF2 latent is never mirrored in the loop)
+                x = latent.flip(-1) if flipped else latent
+                writer.add(sha256=sha, domain=domain, resolution=resolution_px, codec_id=codec_id, shape=list(shape), latent=to_bytes(x), flipped=flipped, caption="", fingerprint="bench")
     writer.flush()
 
 

@@ -68,7 +68,7 @@ class TrainState:
                 torch.manual_seed(mix_seed(cfg.seed, 3))
                 self.disc = make_discriminator(model.channels, cfg.gan).to(device)
             self.d_names = [n for n, _ in self.disc.named_parameters()]
-            # gan.make_d_optimizer builds a plain Adam; ours is the same Adam, fused where possible (see above).
+            # the discriminator's own Adam, fused where possible (see above).
             self.d_opt = make_optimizer(list(self.disc.parameters()), "adam", cfg.gan.lr, cfg.gan.betas, cfg.gan.eps, 0.0, device)
         self.images_seen = 0
         self.step = 0
