@@ -59,6 +59,7 @@ def test_bad_profile_names_the_key_and_writes_nothing(params, tmp_path):
     assert params.read_text() == original
 
 
+@pytest.mark.slow  # 24 M parameters up to 512 px: 320-500 s on the loaded 2-core CPU, over the default suite's budget
 @pytest.mark.parametrize("profile", ["liae-256", "df-512"])
 def test_profile_models_build_grow_and_train_a_step(profile, params):
     """The GPU profiles at tiny length: the init model and its growths to every recipe resolution, each
