@@ -16,7 +16,7 @@ from conftest import taef2_dir
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from stagewise.cli import StageError
+from stagewise.config import ParamsError
 from stagewise.codecs import CodecConfig, load_codec
 from stagewise.latents import ShardWriter, to_bytes
 from stagewise.models import ModelConfig, init_model
@@ -106,7 +106,7 @@ def test_flip_without_mirrored_rows_is_an_error_on_taef2(project, codec_cfg):
     """Mirroring a TAEF2 latent is not the latent of the mirrored image: a cache without mirrored rows
     and flip on is refused, naming cache.flip; flip: false trains and never mirrors."""
     train = parse_train({"defaults": TINY_DEFAULTS, "stages": {"a": {"parent": "init", "resolution_px": 128, "length_kimg": 0.008}}})
-    with pytest.raises(StageError, match="cache.flip"):
+    with pytest.raises(ParamsError, match=r"train.stages.a.flip: .*no mirrored rows.*cache.flip: true"):
         StageTrainer(job(project, "a", train, codec_cfg, cache="cache_noflip"))
     train = parse_train({"defaults": {**TINY_DEFAULTS, "flip": False}, "stages": {"a": {"parent": "init", "resolution_px": 128, "length_kimg": 0.008}}})
     trainer = StageTrainer(job(project, "a", train, codec_cfg, cache="cache_noflip"))
