@@ -66,3 +66,9 @@ plots-template:  ## rebuild the committed plots/offline.html from the npm regist
 	rm -rf build/npm && mkdir -p build/npm
 	cd build/npm && npm pack --silent $(VEGA_PACKAGES)
 	$(PYTHON) plots/build_template.py --out plots/offline.html $(addprefix build/npm/,$(subst @,-,$(VEGA_PACKAGES:=.tgz)))
+
+# --- Profiles: named params sets in profiles/<name>.yaml (demo, liae-256, df-512), merged into params.yaml
+.PHONY: profile
+profile: install  ## merge profiles/$(PROFILE).yaml into params.yaml, comments kept (`git diff params.yaml` shows what changed)
+	@test -n "$(PROFILE)" || { echo "usage: make profile PROFILE=<name>; profiles: $(basename $(notdir $(wildcard profiles/*.yaml)))"; exit 2; }
+	python -m stagewise.profiles $(PROFILE)

@@ -12,8 +12,11 @@ in the same process, one after the other. ``ratio = train / bare``: the share of
 the trainer keeps; 1 - ratio is what data handling, warp, the optimizer and bookkeeping cost.
 
     python benchmarks/train_throughput.py [--codecs taef2 pixels] [--resolutions 128 256 512] [--seconds 10]
+    python benchmarks/train_throughput.py --profile liae-256      # profiles/liae-256.yaml merged over params.yaml
 
-Settings come from params.yaml (model, codec, train.defaults); images count both domains, as in training.
+Settings come from params.yaml (model, codec, train.defaults), or from params.yaml with a profile merged
+over it (``--profile``: as ``make profile`` would, in a temp copy; then the codec is params.yaml's and the
+resolutions are the profile's recipe's); images count both domains, as in training.
 On a shared machine the absolute figures are noisy; the ratio, measured back to back, less so.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +40,7 @@ from stagewise.codecs import CodecConfig, load_codec  # noqa: E402
 from stagewise.config import load_section, read_params  # noqa: E402
 from stagewise.latents import ShardWriter, to_bytes  # noqa: E402
 from stagewise.models import DOMAINS, ModelConfig, init_model  # noqa: E402
+from stagewise.profiles import PROFILES_DIR, apply_profile  # noqa: E402
 from stagewise.train import checkpoint as ckpt  # noqa: E402
 from stagewise.train.loop import StageJob, StageTrainer, tqdm  # noqa: E402
 from stagewise.train.recipe import parse_train  # noqa: E402
@@ -50,7 +55,9 @@ def fake_cache(folder: Path, codec_id: str, shape: tuple[int, int, int], resolut
         for i in range(IMAGES_PER_DOMAIN):
             latent = torch.randn(shape, generator=gen)
             sha = hashlib.sha256(f"{domain}{i}".encode()).hexdigest()
-            writer.add(sha256=sha, domain=domain, resolution=resolution_px, codec_id=codec_id, shape=list(shape), latent=to_bytes(latent), flipped=False, caption="", fingerprint="bench")
+            for flipped in (False, True):  # the cache's mirrored rows (a TAEF2 latent is never mirrored in the loop)
+                x = latent.flip(-1) if flipped else latent
+                writer.add(sha256=sha, domain=domain, resolution=resolution_px, codec_id=codec_id, shape=list(shape), latent=to_bytes(x), flipped=flipped, caption="", fingerprint="bench")
     writer.flush()
 
 
@@ -120,11 +127,28 @@ def bench(codec_cfg: CodecConfig, model_cfg: ModelConfig, defaults: dict, resolu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
-    parser.add_argument("--codecs", nargs="+", default=["taef2", "pixels"])
-    parser.add_argument("--resolutions", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--profile", help="a profile name in profiles/ (or a path): its model, batch size and resolutions")
+    parser.add_argument("--codecs", nargs="+", help="default: taef2 pixels, or params.yaml's codec with --profile")
+    parser.add_argument("--resolutions", nargs="+", type=int, help="default: 128 256 512, or the profile's recipe's")
     parser.add_argument("--seconds", type=float, default=12.0, help="time per contender and setting, split in 3 alternating rounds (default: %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.profile:
+            merged = Path(tmp) / "params.yaml"
+            shutil.copy(args.params, merged)
+            apply_profile(args.profile, merged, ROOT / PROFILES_DIR)
+            args.params = str(merged)
+            print(f"profile {args.profile}: {ROOT / PROFILES_DIR / args.profile}.yaml over {ROOT / 'params.yaml'}")
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.resolutions is None:
+        stages = parse_train(read_params(args.params).get("train"), args.params).stages.values()
+        args.resolutions = sorted({s.resolution_px for s in stages}) if args.profile else [128, 256, 512]
+    if args.codecs is None:
+        args.codecs = [load_section("codec", CodecConfig, args.params).name] if args.profile else ["taef2", "pixels"]
     model_cfg = load_section("model", ModelConfig, args.params)
     codec_base = load_section("codec", CodecConfig, args.params)
     defaults = {**(read_params(args.params).get("train", {}).get("defaults") or {}), "save_every_kimg": 1000, "log_every_kimg": 1000}

@@ -85,3 +85,71 @@ def test_config_errors_are_clear():
         Autoencoder(tiny(resolution_px=16), 32, 8)  # 2 latent px is below the 4 px bottleneck
     with pytest.raises(ValueError, match="domain"):
         init_model(tiny(), 3, 1)(torch.randn(1, 3, 16, 16), "c")
+
+
+# --- The family's shapes: LIAE, residual decoder blocks, pixel-shuffle upsampling, bottleneck size, -u, -d
+
+SHAPES = {
+    "df": dict(inter="shared", decoders="split"),
+    "liae": dict(inter="liae", decoders="shared"),
+    "res-shuffle": dict(inter="split", decoders="split", decoder_res_blocks=1, upsample="pixel_shuffle"),
+    "liae-ud": dict(inter="liae", decoders="shared", pixel_norm=True, half_res=True, decoder_res_blocks=1, upsample="pixel_shuffle"),
+    "df-d-bottleneck2": dict(inter="shared", decoders="split", half_res=True, bottleneck_px=2),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_grows_keeping_its_parent(shape):
+    """Output shape at both sizes, every parent tensor copied by growth, new_names = exactly the added ones,
+    and (fade 0) the grown model is the parent on the half-size input: for each shape of the family."""
+    torch.manual_seed(0)
+    parent = init_model(tiny(**SHAPES[shape]), 3, 1)
+    x = torch.randn(2, 3, 16, 16)
+    assert parent(x, "a").shape == x.shape and parent(x, "b").shape == x.shape
+    child = grow(parent, fade=0.0)
+    parent_state, child_state = parent.state_dict(), child.state_dict()
+    assert all(torch.equal(child_state[k], v) for k, v in parent_state.items())
+    assert child.new_names() == set(child_state) - set(parent_state)
+    assert child.old_names() == set(parent_state)
+    big = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for domain in "ab":
+            expected = F.interpolate(parent(F.avg_pool2d(big, 2), domain), scale_factor=2.0, mode="nearest")
+            torch.testing.assert_close(child(big, domain), expected)
+        child.fade = 1.0
+        assert child(big, "a").shape == big.shape
+        # the fade-in's parent path reads real half-size inputs when given, and reports its own output
+        child.fade = 0.0
+        y, y_old = child.decode(child.encode(big, x_half=F.avg_pool2d(big, 2)), "a", with_parent=True)
+        torch.testing.assert_close(y_old, parent(F.avg_pool2d(big, 2), "a"))
+
+
+def test_liae_wiring_is_dfls():
+    """A -> [AB, AB], B -> [B, AB] into one decoder; the swap of B into A's style is [AB, AB] of B."""
+    model = init_model(tiny(**SHAPES["liae"]), 3, 1).eval()
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {"encoder", "inter_AB", "inter_B", "decoder"}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = model.encoder(x)
+        ab, b = model.inter_AB(h), model.inter_B(h)
+        torch.testing.assert_close(model(x, "a"), model.decoder(torch.cat([ab, ab], 1)))
+        torch.testing.assert_close(model(x, "b"), model.decoder(torch.cat([b, ab], 1)))
+    with pytest.raises(ValidationError, match="decoders: shared"):
+        tiny(inter="liae", decoders="split")
+
+
+def test_archi_options_change_what_they_say():
+    """-u normalises the code; -d runs the decoder's last level at half size (its top block is 8 px for a
+    16 px latent) and doubles it by depth-to-space; residual blocks and pixel shuffle add their tensors."""
+    x = torch.randn(2, 3, 16, 16) * 5
+    u = init_model(tiny(pixel_norm=True), 3, 1)
+    assert torch.allclose(u.encode(x).square().flatten(1).mean(1), torch.ones(2), atol=1e-3)
+    d = init_model(tiny(half_res=True), 3, 1)
+    assert max(int(k) for k in d.decoder_a.blocks) == 8 and d.decoder_a.outputs["16"].conv.out_channels == 12
+    plain = init_model(tiny(), 3, 1)
+    assert max(int(k) for k in plain.decoder_a.blocks) == 16
+    rs = init_model(tiny(decoder_res_blocks=2, upsample="pixel_shuffle"), 3, 1)
+    assert "decoder_a.blocks.16.res.1.conv2.weight" in dict(rs.named_parameters())
+    assert rs.decoder_a.blocks["16"].conv1.out_channels == 4 * plain.decoder_a.blocks["16"].conv1.out_channels
+    with pytest.raises(ValueError, match="twice model.bottleneck_px"):
+        init_model(tiny(half_res=True, resolution_px=8), 3, 1)  # 8 px latent: the decoder would end at the 4 px bottleneck

@@ -18,10 +18,8 @@ from stagewise.train.ema import EMA
 from stagewise.train.gan import (
     GanConfig,
     d_loss,
-    discriminator_step,
     frozen,
     g_loss,
-    make_d_optimizer,
     make_discriminator,
 )
 from stagewise.train.losses import (
@@ -34,6 +32,7 @@ from stagewise.train.losses import (
     ssim_loss,
 )
 from stagewise.train.lrd import LRDropout
+from stagewise.train.state import make_optimizer
 from stagewise.train.warp import WarpConfig, random_flip, random_warp, warp_grid
 
 
@@ -458,14 +457,18 @@ def test_gan_step_trains_the_discriminator_with_its_own_optimizer(tmp_path):
     generator = nn.Conv2d(3, 3, 3, padding=1)
     cfg = GanConfig(width=8, layers=2)
     disc = make_discriminator(3, cfg)
-    d_opt = make_d_optimizer(disc, cfg)
+    d_opt = make_optimizer(list(disc.parameters()), "adam", cfg.lr, cfg.betas, cfg.eps, 0.0, torch.device("cpu"))  # the loop's D optimizer
     g_opt = torch.optim.Adam(generator.parameters(), lr=1e-3)
     real = torch.randn(2, 3, 16, 16)
     g_before = copy.deepcopy(generator.state_dict())
     d_before = copy.deepcopy(disc.state_dict())
 
     fake = generator(real)
-    value = discriminator_step(disc, d_opt, real, fake, cfg.loss)
+    d_opt.zero_grad(set_to_none=True)
+    value = d_loss(disc(real), disc(fake.detach()), cfg.loss)  # the loop's D term: fake detached
+    value.backward()
+    d_opt.step()
+    value = value.detach()
     assert value.dim() == 0 and not value.requires_grad
     assert any(not torch.equal(d_before[k], v) for k, v in disc.state_dict().items())
     assert all(torch.equal(g_before[k], v) for k, v in generator.state_dict().items())

@@ -27,6 +27,9 @@ class Codec(torch.nn.Module):
     factor: int = 1
     default_shift: float = 0.0
     default_scale: float = 1.0
+    # Whether mirroring a latent is the latent of the mirrored image (true for pixels only: a mirrored TAEF2
+    # latent decodes to ~16-22 dB). Without it, flips must come from the cache's mirrored rows.
+    mirror_is_exact: bool = False
 
     def __init__(self, cfg: CodecConfig | None = None):
         super().__init__()

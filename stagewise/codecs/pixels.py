@@ -11,6 +11,7 @@ class PixelCodec(Codec):
     name = "pixels"
     channels = 3
     factor = 1
+    mirror_is_exact = True
     default_shift = 0.5  # [0, 1] -> [-1, 1], the range the decoder's output layer is initialised for
     default_scale = 2.0
 

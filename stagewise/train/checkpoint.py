@@ -32,6 +32,7 @@ from stagewise.io import atomic_path, partial_write_pattern, remove_partial_writ
 from stagewise.models.autoencoder import Autoencoder, build
 
 MODEL_FILE, META_FILE = "model.safetensors", "meta.json"
+CARRY_FILE = "state.safetensors"  # a stage's optimizer / EMA / discriminator state for its children (TrainState.carry_tensors)
 KEPT_KINDS = ("start", "end")  # never pruned: the stage boundaries (and so every freeze change)
 BACKUP_NAME = re.compile(r"^(rolling|start|end)-(\d{12})\.json$")  # a backup's JSON, the tensors beside it
 # The ``.tmpXXXXXX`` that safetensors' save_file writes before renaming it to the name it was given.
@@ -82,6 +83,12 @@ def save_model(folder: Path, model: Autoencoder, meta: dict[str, Any], state: di
     folder = Path(folder)
     save_tensors(folder / MODEL_FILE, state if state is not None else model.state_dict())
     write_json(folder / META_FILE, {**meta, "architecture": model.describe()})
+
+
+def load_carry(folder: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+    """The parent stage's carried state, or None (the init model has none)."""
+    path = Path(folder) / CARRY_FILE
+    return load_file(str(path), device=str(device)) if path.exists() else None
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Autoencoder, dict[str, Any]]:

@@ -1,20 +1,19 @@
-"""A patch discriminator for NCHW inputs of any channel count, its optimizer and the adversarial losses.
+"""A patch discriminator for NCHW inputs of any channel count and the adversarial losses.
 
 Public interface::
 
     GanConfig(Section)                               # width, layers, spectral_norm, loss, lr, betas, eps
     make_discriminator(channels, cfg) -> PatchDiscriminator   # (N, C, H, W) -> logits (N, 1, H/2^layers, W/2^layers)
-    make_d_optimizer(disc, cfg) -> torch.optim.Adam  # the discriminator's own optimizer
     d_loss(real_logits, fake_logits, kind="hinge") -> Tensor
     g_loss(fake_logits, kind="hinge") -> Tensor      # the loop multiplies it by the stage's gan_power
-    discriminator_step(disc, d_opt, real, fake, kind="hinge") -> Tensor   # one D update; detached loss
     frozen(disc)                                     # context: D's requires_grad off, restored after
 
-Use in the loop (generator = the autoencoder)::
+Use in the loop (generator = the autoencoder; D has its own optimizer, ``state.make_optimizer``)::
 
-    d_value = discriminator_step(disc, d_opt, target, pred, cfg.loss)   # pred is detached inside
-    with frozen(disc):                                                  # or disc.requires_grad_(False)
-        loss = recon + gan_power * g_loss(disc(pred), cfg.loss)
+    loss_d = d_loss(disc(target), disc(pred.detach()), cfg.loss)   # reaches D only
+    with frozen(disc):
+        loss_g = g_loss(disc(pred), cfg.loss)                       # reaches G only
+    loss = recon + gan_power * loss_g + loss_d                      # one backward, both optimizers step
 
 PatchGAN (Isola et al. 2017): each output logit judges one receptive-field patch, so the discriminator
 works on any image size >= 2**layers, on 3-channel pixels and 32-channel latents alike. No batch norm
@@ -85,11 +84,6 @@ def make_discriminator(channels: int, cfg: GanConfig | None = None) -> PatchDisc
     return PatchDiscriminator(channels, cfg.width, cfg.layers, cfg.spectral_norm)
 
 
-def make_d_optimizer(disc: nn.Module, cfg: GanConfig | None = None) -> torch.optim.Adam:
-    cfg = cfg or GanConfig()
-    return torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-
 def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: LossKind = "hinge") -> torch.Tensor:
     """The discriminator's loss: low when real logits are high and fake logits low."""
     real, fake = real_logits.float(), fake_logits.float()
@@ -120,19 +114,3 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
-
-
-def discriminator_step(
-    disc: nn.Module,
-    d_opt: torch.optim.Optimizer,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    kind: LossKind = "hinge",
-) -> torch.Tensor:
-    """One update of ``disc`` on a real and a fake batch; ``fake`` is detached, so the generator's
-    parameters get no gradient. Returns the detached loss (a device tensor, no sync)."""
-    d_opt.zero_grad(set_to_none=True)
-    loss = d_loss(disc(real.detach()), disc(fake.detach()), kind)
-    loss.backward()
-    d_opt.step()
-    return loss.detach()

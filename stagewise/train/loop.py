@@ -84,7 +84,9 @@ class StageTrainer:
         expected = (self.model.channels, self.model.latent_px, self.model.latent_px)
         if self.data.latent_shape != expected:
             raise StageError(f"{job.cache_dir}: latents are {self.data.latent_shape}, the model at {cfg.resolution_px} px expects {expected}")
-        self.flip_on_the_fly = cfg.flip and not self.data.has_flipped
+        if cfg.flip and not self.data.has_flipped and not self.codec.mirror_is_exact:
+            raise stage_error(self.name, "flip", f"{job.cache_dir} has no mirrored rows, and mirroring a {self.codec.name} latent is not the latent of the mirrored image; set cache.flip: true (and rerun the cache stage) or train.stages.{self.name}.flip: false")
+        self.flip_on_the_fly = cfg.flip and not self.data.has_flipped  # exact for this codec (pixels)
         self.state = TrainState(self.model, cfg, self.trainable, self.device)
         self.guard = NanGuard(self.device, cfg.guard.max_bad_steps)
         self.gen = torch.Generator(device=self.device)  # reseeded every step from (seed, step)
@@ -135,7 +137,10 @@ class StageTrainer:
             self.event("resumed", backup=str(backup.tensors_path), from_kimg=backup.images_seen / 1000)
         else:
             freeze_changed = sorted(self.cfg.freeze) != sorted(self.parent_meta.get("config", {}).get("freeze", []))
-            self.event("started", grew=self.grew, frozen_tensors=len(self.trainable.frozen), trainable_tensors=len(self.trainable.params), freeze_changed=freeze_changed)
+            # DFL keeps Adam's moments (and EMA, D) across stage switches; a fresh Adam would move every weight by ~lr at once
+            carry = None if self.cfg.reset_optimizer else ckpt.load_carry(self.job.parent_dir, self.device)
+            carried = self.state.carry_from(carry) if carry else {}
+            self.event("started", grew=self.grew, frozen_tensors=len(self.trainable.frozen), trainable_tensors=len(self.trainable.params), freeze_changed=freeze_changed, carried=carried)
             self.checkpoint("start")
 
     # ------------------------------------------------------------------------------------------- loop
@@ -404,6 +409,7 @@ class StageTrainer:
             "end_backup": str(end.tensors_path) if end else None,
             "device": str(self.device),
         }
+        ckpt.save_tensors(out / ckpt.CARRY_FILE, st.carry_tensors())  # before meta.json, the completion marker
         ckpt.save_model(out, self.model, meta, state=weights)
         removed = self.backups.prune_other_fingerprints()
         if removed:

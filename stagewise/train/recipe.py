@@ -59,6 +59,7 @@ class StageConfig(Section):
     batch_size: int = Field(8, ge=1)  # per domain; 8 fits a 2-core CPU and any GPU
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     optimizer: Literal["adam", "adamw"] = "adam"
+    reset_optimizer: bool = False  # true: fresh Adam moments, EMA and discriminator instead of the parent stage's
     lr: float = Field(5e-5, gt=0)  # DFL's default learning rate
     betas: tuple[float, float] = (0.5, 0.999)  # DFL's Adam beta1 0.5: faster response to a changing target
     lr_warmup_kimg: float = Field(0.0, ge=0)  # LR ramps up linearly over this many kimg: fresh Adam moments take full-size steps

@@ -2,7 +2,14 @@
 
 ``TrainState`` holds the model, its optimizer, the grad scaler, EMA, LRD, the discriminator and its
 optimizer, and the counters. ``tensors()`` / ``meta()`` split it into what goes into the backup's
-safetensors file and its JSON; ``load()`` restores both. Random streams need no saving: the data order,
+safetensors file and its JSON; ``load()`` restores both.
+
+Across stages (DFL keeps its optimizer when random warp, LRD or the GAN are switched): a stage ends by
+writing ``carry_tensors()`` beside its model (``runs/<stage>/state.safetensors``) and its child starts
+from it with ``carry_from()``: Adam's moments and step counts, the EMA averages and the discriminator
+with its optimizer, for every tensor that still exists with the same shape; growth's new tensors start
+fresh. A tensor frozen in a stage passes the state it was given on unchanged, so ``s256`` unfreezing
+what ``s256_locked`` froze continues from ``s128``'s moments. ``reset_optimizer: true`` opts out. Random streams need no saving: the data order,
 warp, flip and LRD masks are all seeded from (stage seed, step).
 """
 
@@ -39,6 +46,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, betas, eps:
         return cls(params, foreach=True, **kwargs)
 
 
+def _moment_fits(value: torch.Tensor, param: torch.Tensor) -> bool:
+    """An Adam state tensor belongs to ``param``'s shape: a moment of the same shape, or the scalar step."""
+    return value.dim() == 0 or value.shape == param.shape
+
+
 class TrainState:
     def __init__(self, model: Autoencoder, cfg: StageConfig, trainable: Trainable, device: torch.device):
         self.model, self.cfg, self.device = model, cfg, device
@@ -56,7 +68,7 @@ class TrainState:
                 torch.manual_seed(mix_seed(cfg.seed, 3))
                 self.disc = make_discriminator(model.channels, cfg.gan).to(device)
             self.d_names = [n for n, _ in self.disc.named_parameters()]
-            # gan.make_d_optimizer builds a plain Adam; ours is the same Adam, fused where possible (see above).
+            # the discriminator's own Adam, fused where possible (see above).
             self.d_opt = make_optimizer(list(self.disc.parameters()), "adam", cfg.gan.lr, cfg.gan.betas, cfg.gan.eps, 0.0, device)
         self.images_seen = 0
         self.step = 0
@@ -66,6 +78,7 @@ class TrainState:
         self.wall_s = 0.0  # training time over every run of this stage (resumes included)
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self.carried_frozen: dict[str, torch.Tensor] = {}  # optimizer state of frozen tensors, passed on (carry_from)
 
     def apply(self, plan: Schedule) -> None:
         """Give the optimizers the schedule's learning rates and epsilons (floats: no device work)."""
@@ -73,8 +86,41 @@ class TrainState:
             for group in opt.param_groups if opt is not None else []:
                 group["lr"], group["eps"] = lr, eps
 
+    def carry_tensors(self) -> dict[str, torch.Tensor]:
+        """What the next stage starts from: optimizer moments (the trained tensors' own, and the carried ones
+        of tensors frozen here), EMA averages, discriminator and its optimizer. No model weights: those are
+        the stage's model.safetensors."""
+        return {k: v for k, v in self.tensors().items() if not k.startswith("model.")}
+
+    def carry_from(self, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Start from a parent stage's ``carry_tensors()``; returns how many tensors of each part carried."""
+        shapes = dict(self.model.named_parameters())
+        opt_state = {k: v for k, v in tensors.items() if k.startswith("opt.")}
+        usable = {k: v for k, v in opt_state.items() if self._param_of(k, "opt") in shapes and _moment_fits(v, shapes[self._param_of(k, "opt")])}
+        trained = set(self.param_names)
+        load_optimizer_tensors(self.opt, self.param_names, "opt", usable)
+        self.carried_frozen = {k: v for k, v in usable.items() if self._param_of(k, "opt") not in trained}
+        counts = {"optimizer": len({self._param_of(k, "opt") for k in usable if self._param_of(k, "opt") in trained}), "frozen_kept": len({self._param_of(k, "opt") for k in self.carried_frozen})}
+        if self.ema is not None and any(k.startswith("ema.") for k in tensors):
+            ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+            self.ema.load_state_dict({k: v for k, v in ema.items() if k not in shapes or v.shape == shapes[k].shape})
+            counts["ema"] = len([k for k in ema if k in shapes])
+        if self.disc is not None and self.d_opt is not None and any(k.startswith("disc.") for k in tensors):
+            disc = {k[5:]: v for k, v in tensors.items() if k.startswith("disc.")}
+            own = self.disc.state_dict()
+            if set(disc) == set(own) and all(v.shape == own[k].shape for k, v in disc.items()):  # same D config
+                self.disc.load_state_dict(disc)
+                load_optimizer_tensors(self.d_opt, self.d_names, "d_opt", tensors)
+                counts["discriminator"] = len(disc)
+        return counts
+
+    def _param_of(self, key: str, prefix: str) -> str:
+        """``opt.encoder.blocks.16.conv1.weight.exp_avg`` -> ``encoder.blocks.16.conv1.weight``."""
+        return key[len(prefix) + 1 :].rsplit(".", 1)[0]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        out.update(self.carried_frozen)  # so a resumed stage still passes them on
         out.update(optimizer_tensors(self.opt, self.param_names, "opt"))
         if self.ema is not None:
             out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -105,6 +151,8 @@ class TrainState:
 
         self.model.load_state_dict(part("model"))
         load_optimizer_tensors(self.opt, self.param_names, "opt", tensors)
+        trained = set(self.param_names)
+        self.carried_frozen = {k: v for k, v in tensors.items() if k.startswith("opt.") and self._param_of(k, "opt") not in trained}
         if self.ema is not None:
             self.ema.load_state_dict(part("ema"))
         if self.disc is not None and self.d_opt is not None:
