@@ -42,7 +42,8 @@ from stagewise.train import checkpoint as ckpt
 from stagewise.train.data import mix_seed
 from stagewise.train.ema import EMA
 from stagewise.train.guard import NanGuard, skip_if_not_finite
-from stagewise.train.loop import _next, write_history  # the autoencoder loop's cadence and history.tsv writer
+from stagewise.train.loop import write_history  # the autoencoder loop's history.tsv writer
+from stagewise.train.schedule import next_point  # the cadence: the next multiple of an interval in images
 from stagewise.train.recipe import INIT
 
 log = logging.getLogger(__name__)
@@ -196,13 +197,13 @@ class PhaseTrainer:
         self.clock = time.perf_counter()
         while True:
             done = self.images_seen >= total
-            if (done or self.images_seen >= _next(self.last_status, cfg.log_every_kimg)) and self.status():
+            if (done or self.images_seen >= next_point(self.last_status, cfg.log_every_kimg)) and self.status():
                 continue
-            if not done and self.images_seen >= _next(self.last_val, cfg.validation.every_kimg):
+            if not done and self.images_seen >= next_point(self.last_val, cfg.validation.every_kimg):
                 self.last_val = self.images_seen
                 if self.history:
                     self.history[-1].update(self.validate_flat())
-            if (done or self.images_seen >= _next(self.last_save, cfg.save_every_kimg)) and self.checkpoint("end" if done else "rolling"):
+            if (done or self.images_seen >= next_point(self.last_save, cfg.save_every_kimg)) and self.checkpoint("end" if done else "rolling"):
                 continue
             if done:
                 break
