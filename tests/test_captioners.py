@@ -22,16 +22,7 @@ from stagewise.curation.ingest import IngestConfig, ingest
 from stagewise.images import load_rgb
 from tiny_models import tiny_blip, tiny_vit_gpt2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """See tests/test_vlm.py: tiny models on a busy 2-core machine run 100x slower with 2 threads."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

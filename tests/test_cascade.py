@@ -26,15 +26,7 @@ from stagewise.sample import stamp_watermark
 from tiny_clip import tiny_clip
 from tiny_models import tiny_blip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def crop(box, size_px=320):

@@ -14,16 +14,7 @@ from stagewise.curation.ingest import IngestConfig, ingest
 from stagewise.io import read_parquet_dir
 from tiny_clip import tiny_clip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only spin."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

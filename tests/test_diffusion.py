@@ -22,7 +22,7 @@ from stagewise.diffusion.loop import PhaseJob, PhaseTrainer, load_unet
 from stagewise.diffusion.optim import load_optimizer_state, lr_factor, make_optimizer, optimizer_state
 from tiny_diffusion import TINY_PHASE as TINY_PHASE_DEFAULTS, TINY_TEXT, TINY_UNET, params, tiny_sd_folder, tiny_vae, write_cache, write_params
 
-pytestmark = pytest.mark.skipif(taef2_dir() is None, reason="TAEF2 weights not on this machine (set STAGEWISE_MODELS)")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(taef2_dir() is None, reason="TAEF2 weights not on this machine (set STAGEWISE_MODELS)")]
 P1 = {"parent": "init", "resolution_px": 32, "length_kimg": 0.016}
 COUNTER = itertools.count()
 
@@ -31,16 +31,6 @@ def init_stage(folder, params_file):
     from stages.diffuse_init import main
 
     main(argparse.Namespace(params=str(params_file), out=str(folder / "runs" / "init")))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared CPU OpenMP's spin-waits make a 4 x 4
-    convolution ~100x slower with two threads than with one (measured: 137 ms vs 1.2 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

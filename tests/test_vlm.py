@@ -24,17 +24,7 @@ from tiny_models import tiny_blip, tiny_llava, tiny_vit_gpt2
 
 Q1, Q2 = "is there a watermark?", "is this a grid or collage?"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
-    threads made one tiny generate() 100x slower (3.9 s against 0.04 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +197,7 @@ def test_stage_end_to_end(models, images, tmp_path):
     params = {"vlm_filter": {"model": str(models["blip"]), "batch_size": 4, "questions": [{"text": Q1, "reject": ["yes"]}]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["--manifest", "manifest.parquet", "--out", "vlm_filter.parquet", "--store", "store"]
-    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # see one_torch_thread
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # see conftest.one_torch_thread
     first = run([sys.executable, "-m", "stages.vlm_filter", *args], tmp_path, env=env)
     assert "asked the model about 10 images" in first.stderr
     frame = pd.read_parquet(tmp_path / "vlm_filter.parquet")
