@@ -100,7 +100,7 @@ CASES = {
     "resolution_not_power_of_two": ("train", TRAIN_ARGS, lambda p: stage(p, resolution_px=24), ["params.yaml: train.stages.a.resolution_px: 24 is not a power of two"]),
     "missing_parent": ("train", TRAIN_ARGS, lambda p: stage(p, parent="s64"), ["params.yaml: train.stages.a.parent: 's64' is not an earlier stage or 'init'; allowed here: 'init'"]),
     "freeze_matches_nothing": ("train", TRAIN_ARGS, lambda p: stage(p, freeze=["decoder_c"]), ["params.yaml: train.stages.a.freeze: pattern 'decoder_c' matches no parameter; parameter names look like encoder.blocks"]),
-    "codec_name": ("train", TRAIN_ARGS, lambda p: p["codec"].update(name="vae"), ["params.yaml: codec.name: Input should be 'pixels' or 'taef2' (got 'vae')"]),
+    "codec_name": ("train", TRAIN_ARGS, lambda p: p["codec"].update(name="vae"), ["params.yaml: codec.name: Input should be 'pixels', 'taef2' or 'diffusers' (got 'vae')"]),
     "misspelled_section": ("train", TRAIN_ARGS, without_train, ["params.yaml: trian: unknown section (line ", "did you mean train?; allowed sections: data, sample, ingest, "]),
     "invalid_yaml": ("train", TRAIN_ARGS, lambda p: INVALID_YAML, ["params.yaml: not valid YAML", "line 6"]),
     "ingest_unknown_key": ("ingest", INGEST_ARGS, lambda p: p["ingest"].update(min_side=8), ["params.yaml: ingest.min_side: unknown key; allowed keys: max_file_mb, max_pixels, min_side_px"]),
