@@ -5,7 +5,7 @@ after a fix to the loss, the warp or the model, ``dvc repro`` reruns the stage (
 and the stage must then train from its parent again, not reload its old ``end`` backup and republish the
 old weights. A killed run with unchanged code has the same hash and resumes.
 
-``TRAIN_CODE`` is the list of code deps of dvc.yaml's ``train`` stage (tests/test_code.py checks that
+``TRAIN_CODE`` / ``DIFFUSE_CODE`` are the code deps of dvc.yaml's ``train`` / ``diffuse`` stages (tests/test_code.py checks that
 the two agree), as paths relative to the folder holding the ``stagewise`` package that runs: the
 project root of a checkout or of a copy of it, or site-packages for an installed wheel.
 """
@@ -20,6 +20,8 @@ import stagewise
 # The code deps of dvc.yaml's `train` stage, in its order. Data deps (parent weights, cache) are hashed
 # separately by the trainer (parent sha256, the cache's row fingerprint).
 TRAIN_CODE = ("stages/train.py", "stagewise/train", "stagewise/models", "stagewise/codecs", "stagewise/latents.py")
+# The code deps of dvc.yaml's `diffuse` stage, in its order (same check, same reason).
+DIFFUSE_CODE = ("stages/diffuse.py", "stagewise/diffusion", "stagewise/train", "stagewise/codecs", "stagewise/latents.py")
 CODE_ROOT = Path(stagewise.__file__).resolve().parents[1]
 IGNORED = ("__pycache__",)  # as .dvcignore: bytecode written on import changes no result
 IGNORED_SUFFIXES = (".pyc",)

@@ -13,14 +13,15 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, dvc, make_project, run
-from stagewise.code import CODE_ROOT, TRAIN_CODE, code_fingerprint
+from stagewise.code import CODE_ROOT, DIFFUSE_CODE, TRAIN_CODE, code_fingerprint
 from test_trainer import TINY_DEFAULTS, TINY_MODEL, write_cache, write_init
 from test_train_resume import ran
 
 
-def test_the_hashed_code_is_what_dvc_yaml_lists_for_train():
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
-    assert tuple(d for d in deps if not d.startswith(("runs/", "data/"))) == TRAIN_CODE
+@pytest.mark.parametrize("stage, code", [("train", TRAIN_CODE), ("diffuse", DIFFUSE_CODE)])
+def test_the_hashed_code_is_what_dvc_yaml_lists_for_the_stage(stage, code):
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["do"]["deps"]
+    assert tuple(d for d in deps if not d.startswith(("runs/", "data/"))) == code
     assert CODE_ROOT == ROOT or (CODE_ROOT / "stagewise").is_dir()
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from stagewise.cli import StageError
+from stagewise.code import DIFFUSE_CODE, code_fingerprint
 from stagewise.codecs import CodecConfig, load_codec
 from stagewise.config import fingerprint
 from stagewise.device import pick_device
@@ -134,7 +135,7 @@ class PhaseTrainer:
         self.pbar = tqdm(disable=True)  # run() shows the real one
         self.clock = time.perf_counter()
         self.parent_sha256 = sha256_file(job.parent_dir / dm.UNET_FILE)
-        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint)
+        self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint, code_fingerprint(DIFFUSE_CODE))
         self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
         self._resume_or_start()
         self.last_status = self.last_save = self.last_val = self.images_seen
