@@ -2,8 +2,9 @@
 
 Reads whatever exists: ``manifest.parquet`` (ingest), every other per-image Parquet in the curated
 folder that has a ``status`` column (a filter: watermark, vlm_filter, ...), ``dataset.parquet`` (the
-final set), the latent cache's index per resolution, and each ``runs/<stage>/`` (meta.json, metrics.json).
-Training stages are listed parent before child, following the ``parent`` recorded in each meta.json.
+final set), the latent cache's index per resolution, each autoencoder stage ``runs/<stage>/`` (meta.json,
+metrics.json) and each diffusion phase ``runs/<phase>/`` (unet.json with its ``phase``, metrics.json).
+Stages and phases are listed parent before child, following the ``parent`` each one records.
 """
 
 from __future__ import annotations
@@ -83,12 +84,18 @@ def cache_rows(cache: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-def training(runs: Path) -> list[dict[str, Any]]:
-    stages = {}
-    for meta_path in runs.glob("*/meta.json"):
+def _finished(runs: Path, meta_name: str, is_family: Any) -> dict[str, tuple[dict, dict]]:
+    """Folder name -> (meta, metrics) of every finished run of one family (its meta file passes ``is_family``)."""
+    out = {}
+    for meta_path in runs.glob(f"*/{meta_name}"):
         meta = json.loads(meta_path.read_text())
-        metrics_path = meta_path.with_name("metrics.json")
-        stages[meta_path.parent.name] = (meta, json.loads(metrics_path.read_text()) if metrics_path.exists() else {})
+        if is_family(meta):
+            metrics_path = meta_path.with_name("metrics.json")
+            out[meta_path.parent.name] = (meta, json.loads(metrics_path.read_text()) if metrics_path.exists() else {})
+    return out
+
+
+def _parent_first(stages: dict[str, tuple[dict, dict]]) -> list[str]:
     ordered, seen = [], set()
 
     def visit(name: str) -> None:  # parent first, then children in name order
@@ -98,9 +105,13 @@ def training(runs: Path) -> list[dict[str, Any]]:
             visit(child)
 
     visit("init")
-    ordered += sorted(set(stages) - seen - {"init"})  # orphans (parent missing): still reported
+    return ordered + sorted(set(stages) - seen - {"init"})  # orphans (parent missing): still reported
+
+
+def training(runs: Path) -> list[dict[str, Any]]:
+    stages = _finished(runs, "meta.json", lambda meta: True)
     rows = []
-    for name in ordered:
+    for name in _parent_first(stages):
         meta, metrics = stages[name]
         row = {"stage": name, "parent": meta.get("parent"), "resolution_px": meta.get("resolution_px"), "kimg": meta.get("images_seen", 0) / 1000, "wall_s": meta.get("wall_s"), "rollbacks": meta.get("rollbacks", 0)}
         for d in ("a", "b"):
@@ -112,13 +123,41 @@ def training(runs: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def diffusion(runs: Path) -> list[dict[str, Any]]:
+    """One row per finished diffusion phase: held-out validation loss overall and per timestep (raw and EMA)."""
+    phases = _finished(runs, "unet.json", lambda meta: "phase" in meta)  # diffuse_init's unet.json has no phase
+    rows = []
+    for name in _parent_first(phases):
+        meta, metrics = phases[name]
+        row = {"phase": name, "parent": meta.get("parent"), "resolution_px": meta.get("resolution_px"), "kimg": metrics.get("kimg"),
+               "wall_s": metrics.get("wall_s"), "rollbacks": metrics.get("rollbacks", 0), "split": metrics.get("split"), "train_loss": metrics.get("train", {}).get("loss")}
+        for weights, val in metrics.get("val", {}).items():  # "raw", and "ema" when the phase keeps one
+            row.update({f"val_{weights}_{key}": v for key, v in val.items()})
+        rows.append(row)
+    return rows
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "–"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def render(cfg: ReportConfig, cur: dict[str, Any], cache: dict[str, dict[str, int]], rows: list[dict[str, Any]]) -> str:
+def render_diffusion(phases: list[dict[str, Any]]) -> list[str]:
+    timesteps = sorted({int(k[len("val_raw_t"):]) for r in phases for k in r if k.startswith("val_raw_t")})
+    lines = ["", "## Diffusion", "", "| phase | parent | px | kimg | time (s) | train loss | val loss | val loss (EMA) | " + " | ".join(f"t={t}" for t in timesteps) + " | rollbacks |",
+             "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(timesteps) + "---:|"]
+    for r in phases:
+        weights = "ema" if "val_ema_loss" in r else "raw"  # per timestep: the weights the phase publishes
+        per_t = " | ".join(_fmt(r.get(f"val_{weights}_t{t}"), 4) for t in timesteps)
+        lines.append(f"| {r['phase']} | {r['parent']} | {r['resolution_px']} | {_fmt(r['kimg'])} | {_fmt(r['wall_s'], 0)} | {_fmt(r['train_loss'], 4)} "
+                     f"| {_fmt(r.get('val_raw_loss'), 4)} | {_fmt(r.get('val_ema_loss'), 4)} | {per_t} | {r['rollbacks']} |")
+    lines += ["", "Validation: a fixed grid of rows x timesteps x noise seeds (the same for every phase), MSE of the prediction target; "
+              "per-timestep columns use the EMA weights where the phase keeps them. Held-out rows unless the split column of metrics.json says train."]
+    return lines
+
+
+def render(cfg: ReportConfig, cur: dict[str, Any], cache: dict[str, dict[str, int]], rows: list[dict[str, Any]], phases: list[dict[str, Any]] = ()) -> str:
     lines = [f"# {cfg.title}", "", "## Curation", ""]
     if cur["steps"]:
         lines += ["| step | in | kept | rejected | reasons |", "|---|---:|---:|---:|---|"]
@@ -145,6 +184,8 @@ def render(cfg: ReportConfig, cur: dict[str, Any], cache: dict[str, dict[str, in
         lines += ["", "Loss: the stage's training loss (latent space, last status interval). PSNR / SSIM: held-out images, model reconstruction vs. the codec's decode of the same latent, in pixels."]
     else:
         lines.append("No training stage has finished yet.")
+    if phases:
+        lines += render_diffusion(phases)
     return "\n".join(lines) + "\n"
 
 
@@ -152,9 +193,11 @@ def build_report(cfg: ReportConfig, curated: Path, cache: Path, runs: Path) -> t
     cur = curation(curated)
     cached = cache_rows(cache) if cache.exists() else {}
     rows = training(runs) if runs.exists() else []
+    phases = diffusion(runs) if runs.exists() else []
     # Mappings all the way down (no lists), so `dvc metrics show / diff` can flatten every figure to a key.
     curation_metrics = {s["step"]: {k: v for k, v in s.items() if k != "step"} for s in cur["steps"]}
     if "dataset" in cur:
         curation_metrics["dataset"] = cur["dataset"]
-    metrics = {"curation": curation_metrics, "cache": cached, "stages": {r["stage"]: {k: v for k, v in r.items() if k != "stage"} for r in rows}}
-    return render(cfg, cur, cached, rows), metrics
+    metrics = {"curation": curation_metrics, "cache": cached, "stages": {r["stage"]: {k: v for k, v in r.items() if k != "stage"} for r in rows},
+               "diffusion": {r["phase"]: {k: v for k, v in r.items() if k != "phase"} for r in phases}}
+    return render(cfg, cur, cached, rows, phases), metrics

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, dvc, make_project, run
+from conftest import ROOT, dvc, make_project, run, taef2_dir
 from stagewise.code import CODE_ROOT, DIFFUSE_CODE, TRAIN_CODE, code_fingerprint
 from test_trainer import TINY_DEFAULTS, TINY_MODEL, write_cache, write_init
 from test_train_resume import ran
@@ -109,3 +109,29 @@ def test_dvc_repro_retrains_after_a_code_change_and_force_resumes(tmp_path):
 
     check_retrain_then_resume(project, train)
     assert "Data and pipelines are up to date." in dvc(project, "status").stdout
+
+
+@pytest.mark.skipif(taef2_dir() is None, reason="TAEF2 weights not on this machine (set STAGEWISE_MODELS)")
+def test_a_changed_diffusion_code_retrains_the_phase_from_its_parent_and_unchanged_code_resumes(tmp_path):
+    """The same for a diffusion phase (its resume key holds the hash of DIFFUSE_CODE): the phase's own
+    command in a copy of the project's code, on a TAEF2 cache."""
+    from stagewise.codecs import CodecConfig, load_codec
+    from tiny_diffusion import write_cache as write_latents, write_params
+
+    project = tmp_path / "project"
+    for name in ("stages", "stagewise"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(project, {"a": {"parent": "init", "resolution_px": 32, "length_kimg": 0.008}})
+    write_latents(project / "cache", load_codec(CodecConfig()), 32)
+    env = {"STAGEWISE_MODELS": str(taef2_dir().parent)}
+    run([sys.executable, "-m", "stages.diffuse_init", "--out", "runs/init"], project, env=env)
+    phase = [sys.executable, "-m", "stages.diffuse", "--phase", "a", "--parent", "runs/init", "--text", "runs/init/text",
+             "--cache", "cache/32", "--out", "runs/a", "--backups", "runs/a/backups", "--no-progress"]
+    run(phase, project, env=env)
+    loop = project / "stagewise/diffusion/loop.py"
+    loop.write_text(loop.read_text() + "\n# a fix\n")  # any change to the phase's code deps
+    run(phase, project, env=env)
+    assert events(project)[0] == "started" and "resumed" not in events(project)  # from the parent, not the old end
+    assert len(list((project / "runs/a/backups").iterdir())) == 1  # the old code's backups are gone
+    run(phase, project, env=env)  # the same code again: it resumes from its newest backup, the end
+    assert events(project)[-2:] == ["resumed", "finished"]

@@ -76,6 +76,13 @@ def test_a_phase_writes_samples_validation_per_timestep_and_backups(work):
     assert meta["ema_weights"] and meta["codec_id"] == t.codec.id and unet.config.in_channels == 32
     # A second validation of the same weights gives the same numbers: the grid is fixed
     assert t.validate()["raw"] == metrics["val"]["raw"]
+    # The report stage lists the phase (not the init beside it) with its per-timestep validation
+    from stagewise.report import ReportConfig, build_report
+
+    text, report = build_report(ReportConfig(), work / "curated", work / "cache", work / "runs")
+    row = report["diffusion"][out.name]
+    assert row["parent"] == "init" and row["val_ema_t900"] == metrics["val"]["ema"]["t900"] and "init" not in report["diffusion"]
+    assert "## Diffusion" in text and f"| {out.name} | init | 32 |" in text and "t=500" in text
 
 
 def test_caption_dropout_uses_the_empty_caption_at_the_configured_rate_and_per_subset(work):
