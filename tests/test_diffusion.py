@@ -1,6 +1,6 @@
 """Diffusion phases: each mechanism of diffusion.stages on a tiny UNet and text encoder, on a cache encoded
 by the default codec (taef2), in-process; plus the diffusers codec on tiny random VAEs and the bad-input
-errors. The kill-and-resume test with real processes is in test_diffusion_resume.py."""
+errors, and the kill-and-resume test with a real process."""
 
 from __future__ import annotations
 
@@ -298,6 +298,10 @@ def test_bad_input_is_a_clear_error_naming_the_key(work, tmp_path):
         trainer(work, subsets={"x": {"caption_regex": "astronaut"}})
     with pytest.raises(ParamsError, match=r"diffusion.stages.p2.parent: 'p3' is not an earlier phase"):
         parse_diffusion({"stages": {"p2": {**P1, "parent": "p3"}, "p3": P1}})
+    clash = tmp_path / "clash.yaml"  # a phase named like an autoencoder stage: both would write runs/s128
+    clash.write_text(json.dumps({**params({"s128": P1}), "train": {"stages": {"s128": {"parent": "init", "resolution_px": 128}}}}))
+    with pytest.raises(ParamsError, match=r"diffusion.stages.s128: the name is also a stage of train.stages"):
+        load_diffusion(clash)
     sd = tiny_sd_folder(tmp_path / "sd", cross_attention_dim=24)
     with pytest.raises(StageError, match=r"diffusion.model.pretrained: the UNet's cross-attention width is 24, the text encoder's hidden size is 16"):
         init_stage(tmp_path, write_params(tmp_path, {"p1": P1}, model={"pretrained": str(sd)}))

@@ -187,7 +187,13 @@ def parse_diffusion(raw: Any, source: str = "params.yaml") -> DiffusionConfig:
 
 
 def load_diffusion(path: Path | str = "params.yaml") -> DiffusionConfig:
-    return parse_diffusion(read_params(path).get("diffusion"), str(path))
+    params = read_params(path)
+    cfg = parse_diffusion(params.get("diffusion"), str(path))
+    # Both families write runs/<name>: a phase named like an autoencoder stage would overwrite its folder.
+    train_stages = ((params.get("train") or {}).get("stages") or {}) if isinstance(params.get("train"), dict) else {}
+    if clash := [name for name in cfg.stages if name in train_stages]:
+        raise ParamsError(f"{path}: diffusion.stages.{clash[0]}: the name is also a stage of train.stages, and both would write runs/{clash[0]}; rename the phase")
+    return cfg
 
 
 def phase_error(phase: str, key: str, message: str) -> ParamsError:
