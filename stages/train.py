@@ -8,13 +8,15 @@ history.tsv, preview.png and events.jsonl to --out.
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from stagewise import cli
 from stagewise.codecs import CodecConfig
 from stagewise.config import ParamsError, load_section
+from stagewise.train import dist
 from stagewise.train.loop import StageJob, run_stage
-from stagewise.train.recipe import load_train
+from stagewise.train.recipe import load_train, stage_error
 
 log = logging.getLogger("stages.train")
 
@@ -23,6 +25,10 @@ def main(args: argparse.Namespace) -> None:
     train = load_train(args.params)
     if args.stage not in train.stages:
         raise ParamsError(f"{args.params}: train.stages.{args.stage}: no such stage; the recipe has {', '.join(train.stages)}")
+    if train.devices > 1 and not dist.launched():  # train.devices: this same command on N processes under torchrun
+        if error := dist.batch_split_error(train.stages[args.stage].batch_size, train.devices, "train.devices"):
+            raise stage_error(args.stage, "batch_size", error)
+        dist.relaunch("stages.train", train.devices, sys.argv[1:])
     job = StageJob(
         name=args.stage,
         train=train,
@@ -34,6 +40,8 @@ def main(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     metrics = run_stage(job)
+    if not metrics:  # a DDP rank other than 0: rank 0 publishes and reports
+        return
     scores = ", ".join(f"{d}: {metrics[d]['psnr_db']:.2f} dB / SSIM {metrics[d]['ssim']:.3f}" for d in ("a", "b") if d in metrics)
     log.info("%s: %g kimg in %.0f s; %s reconstruction %s", args.stage, metrics["kimg"], metrics["wall_s"], metrics["split"], scores)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
@@ -48,16 +47,22 @@ def batch_split_error(batch_size: int, devices: int, devices_key: str) -> str | 
 def relaunch(module: str, devices: int, argv: list[str]) -> None:
     """Run ``python -m module argv`` on ``devices`` processes under torchrun and exit with its status.
 
-    The rendezvous store listens on 127.0.0.1 (this machine only). torchrun stops every rank when one
-    fails and exits non-zero; ours then exits with that status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={devices}", "--max-restarts=0",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id={uuid.uuid4().hex}", "-m", module, *argv]
+    torchrun's agent runs in this process (the ranks are its children); its rendezvous store listens on
+    127.0.0.1 (this machine only). It stops every rank when one fails; this process then exits 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args = ["--nnodes=1", f"--nproc-per-node={devices}", "--max-restarts=0", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+            f"--rdzv-id={uuid.uuid4().hex}", "-m", module, *argv]
     log.info("%s: launching %d processes under torchrun", module, devices)
-    rc = subprocess.call(cmd)
-    if rc:
-        log.error("%s: a rank failed (torchrun exit status %d); the other ranks were stopped, and the backups written so far are intact: "
-                  "run the same command again to resume from the newest", module, rc)
-    sys.exit(rc)
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        failed = ", ".join(f"rank {rank} ({f.signal_name() if f.exitcode < 0 else f'exit {f.exitcode}'})" for rank, f in exc.failures.items())
+        log.error("%s: %s failed; torchrun stopped the other ranks, and the backups written so far are intact: "
+                  "run the same command again to resume from the newest", module, failed)
+        sys.exit(1)
+    sys.exit(0)
 
 
 @dataclass
@@ -84,7 +89,10 @@ class Dist:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        rank = dist.get_rank()
+        if rank:  # one log: rank 0's (the others' warnings and errors still show)
+            logging.getLogger().setLevel(logging.WARNING)
+        return cls(rank, dist.get_world_size(), device)
 
     # --------------------------------------------------------------------------------- collectives
 
