@@ -3,7 +3,8 @@
 To resume after a kill, run the same command again: it continues from the newest good backup in
 --backups made with the same config, parent and data, bit-identical to an uninterrupted run. Writes
 unet.safetensors + unet.json, metrics.json (validation loss per timestep and subset, raw and EMA weights),
-history.tsv, samples.png and events.jsonl to --out.
+history.tsv, samples.png and events.jsonl to --out. With diffusion.devices > 1 it re-launches itself
+under torchrun on that many processes (DDP: stagewise/train/dist.py).
 """
 
 import argparse

@@ -3,7 +3,8 @@
 To resume after a kill, run the same command again: it continues from the newest good backup in
 --backups made with the same config, parent, cache rows and code (a changed loss, warp or model
 trains from the parent again). Writes model.safetensors, meta.json, metrics.json,
-history.tsv, preview.png and events.jsonl to --out.
+history.tsv, preview.png and events.jsonl to --out. With train.devices > 1 it re-launches itself under
+torchrun on that many processes (DDP: stagewise/train/dist.py).
 """
 
 import argparse

@@ -69,13 +69,14 @@ def test_two_ranks_train_the_one_process_curve(project, two_ranks):
     assert events == ["started", "finished"]  # rank 0 alone writes: one event each, not one per rank
 
 
-def test_a_killed_rank_stops_the_other_and_the_rerun_resumes_exactly(project, two_ranks):
-    out = project / "runs" / "a"
-    failed = run(train_cmd("runs/a"), project, check=False, env={KILL_ENV: f"1:{KILL_AT_STEP}"})
-    assert failed.returncode != 0 and "rank 1" in failed.stderr and "resume" in failed.stderr
+@pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_a_killed_rank_stops_the_other_and_the_rerun_resumes_exactly(project, two_ranks, rank):
+    out = project / f"kill{rank}" / "a"
+    failed = run(train_cmd(f"kill{rank}/a"), project, check=False, env={KILL_ENV: f"{rank}:{KILL_AT_STEP}"})
+    assert failed.returncode != 0 and f"rank {rank} (SIGKILL)" in failed.stderr and "resume" in failed.stderr
     assert rolling_backups(out / "backups") == [32] and not (out / "model.safetensors").exists()  # the last good backup, intact
 
-    run(train_cmd("runs/a"), project)  # the same command again
+    run(train_cmd(f"kill{rank}/a"), project)  # the same command again
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["started", "resumed", "finished"] and events[1]["from_kimg"] == 0.032

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stagewise.cli import StageError
+
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 32 << 20  # gradients per all-reduce: big enough to amortise its latency, small enough not to double memory
 
@@ -85,6 +87,8 @@ class Dist:
 
         local = int(os.environ["LOCAL_RANK"])
         if device.type == "cuda":
+            if local >= torch.cuda.device_count():
+                raise StageError(f"devices = {os.environ.get('LOCAL_WORLD_SIZE', '?')} ranks on this machine, but it has {torch.cuda.device_count()} GPU(s); lower train.devices / diffusion.devices to at most that")
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
