@@ -27,9 +27,9 @@ from test_trainer import TINY_DEFAULTS, write_cache, write_init
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# 8 images per step (4 per domain: 2 per rank), 12 steps, a rolling backup every 4 steps; with LRD, EMA and
+# 8 images per step (4 per domain: 2 per rank), 12 steps, a rolling backup every 4 steps; with LRD, EMA, the GAN and
 # random warp on, each of which must stay identical on both ranks.
-DDP_STAGE = {"parent": "init", "resolution_px": 16, "length_kimg": 0.096, "save_every_kimg": 0.032, "lr_dropout": 0.5, "ema": {"halflife_kimg": 0.05}, "random_warp": True}
+DDP_STAGE = {"parent": "init", "resolution_px": 16, "length_kimg": 0.096, "save_every_kimg": 0.032, "lr_dropout": 0.5, "ema": {"halflife_kimg": 0.05}, "random_warp": True, "gan_power": 0.1}
 KILL_AT_STEP = 7  # after the rolling backup at step 4 (32 images), before the one at step 8
 
 
@@ -52,7 +52,7 @@ def two_ranks(project) -> Path:
 
 def losses(folder: Path) -> torch.Tensor:
     header, *rows = [line.split("\t") for line in (folder / "history.tsv").read_text().splitlines()]
-    cols = [header.index(c) for c in ("loss_a", "loss_b", "grad_norm")]
+    cols = [i for i, c in enumerate(header) if c.startswith(("loss_", "gan_")) or c == "grad_norm"]
     return torch.tensor([[float(r[c]) for c in cols] for r in rows], dtype=torch.float64)
 
 
