@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,7 +54,7 @@ from stagewise.latents import ShardWriter  # noqa: E402
 from stagewise.models import DOMAINS, ModelConfig, init_model  # noqa: E402
 from stagewise.train import checkpoint as ckpt  # noqa: E402
 from stagewise.train.data import StageData  # noqa: E402
-from stagewise.train.loop import StageJob, StageTrainer, tqdm  # noqa: E402
+from stagewise.train.loop import StageJob, StageTrainer  # noqa: E402
 from stagewise.train.recipe import parse_train  # noqa: E402
 
 RESOLUTION_PX = 512
@@ -110,7 +111,6 @@ def trainer(work: Path, cache: Path, name: str, model_cfg: ModelConfig, defaults
     train = parse_train({"defaults": defaults, "stages": {name: {"parent": "init", "resolution_px": RESOLUTION_PX, "length_kimg": 1000}}})
     job = StageJob(name, train, codec_cfg, init, cache, work / "runs" / name, work / "runs" / name / "backups", progress=False)
     t = StageTrainer(job)
-    t.pbar = tqdm(disable=True)
     return t
 
 

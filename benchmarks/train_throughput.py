@@ -42,7 +42,7 @@ from stagewise.latents import ShardWriter, to_bytes  # noqa: E402
 from stagewise.models import DOMAINS, ModelConfig, init_model  # noqa: E402
 from stagewise.profiles import PROFILES_DIR, apply_profile  # noqa: E402
 from stagewise.train import checkpoint as ckpt  # noqa: E402
-from stagewise.train.loop import StageJob, StageTrainer, tqdm  # noqa: E402
+from stagewise.train.loop import StageJob, StageTrainer  # noqa: E402
 from stagewise.train.recipe import parse_train  # noqa: E402
 
 IMAGES_PER_DOMAIN = 16  # enough distinct rows that the gather is real; the cost does not depend on it
@@ -108,7 +108,6 @@ def bench(codec_cfg: CodecConfig, model_cfg: ModelConfig, defaults: dict, resolu
         trainer = StageTrainer(job)
         if name != parent:  # a parent on the way: write its model so the next stage can grow from it
             trainer.run()
-    trainer.pbar = tqdm(disable=True)
     batch = trainer.cfg.batch_size
     model = trainer.model
     x = torch.cat([trainer.data.batch(d, 0, batch) for d in DOMAINS])

@@ -3,18 +3,21 @@
 To resume after a kill, run the same command again: it continues from the newest good backup in
 --backups made with the same config, parent, cache rows and code (a changed loss, warp or model
 trains from the parent again). Writes model.safetensors, meta.json, metrics.json,
-history.tsv, preview.png and events.jsonl to --out.
+history.tsv, preview.png and events.jsonl to --out. With train.devices > 1 it re-launches itself under
+torchrun on that many processes (DDP: stagewise/train/dist.py).
 """
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from stagewise import cli
 from stagewise.codecs import CodecConfig
 from stagewise.config import ParamsError, load_section
+from stagewise.train import dist
 from stagewise.train.loop import StageJob, run_stage
-from stagewise.train.recipe import load_train
+from stagewise.train.recipe import load_train, stage_error
 
 log = logging.getLogger("stages.train")
 
@@ -23,6 +26,10 @@ def main(args: argparse.Namespace) -> None:
     train = load_train(args.params)
     if args.stage not in train.stages:
         raise ParamsError(f"{args.params}: train.stages.{args.stage}: no such stage; the recipe has {', '.join(train.stages)}")
+    if train.devices > 1 and not dist.launched():  # train.devices: this same command on N processes under torchrun
+        if error := dist.batch_split_error(train.stages[args.stage].batch_size, train.devices, "train.devices"):
+            raise stage_error(args.stage, "batch_size", error)
+        dist.relaunch("stages.train", train.devices, sys.argv[1:])
     job = StageJob(
         name=args.stage,
         train=train,
@@ -34,6 +41,8 @@ def main(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     metrics = run_stage(job)
+    if not metrics:  # a DDP rank other than 0: rank 0 publishes and reports
+        return
     scores = ", ".join(f"{d}: {metrics[d]['psnr_db']:.2f} dB / SSIM {metrics[d]['ssim']:.3f}" for d in ("a", "b") if d in metrics)
     log.info("%s: %g kimg in %.0f s; %s reconstruction %s", args.stage, metrics["kimg"], metrics["wall_s"], metrics["split"], scores)
 

@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 
-from stagewise.train import loop as loop_module
 from stagewise.train.loop import StageTrainer
 from stagewise.train.recipe import parse_train
 from stagewise.train.schedule import NEVER, next_point, schedule
@@ -58,7 +57,6 @@ def test_the_step_trains_with_the_schedule(tmp_path):
     write_init(tmp_path / "runs" / "init")
     train = train_cfg({"g": stage(px=32, fade_in_kimg=0.04, lr_warmup_kimg=0.08, batch_size=2)})
     trainer = StageTrainer(job(tmp_path, "g", train))
-    trainer.pbar = loop_module.tqdm(disable=True)
     for _step in range(2):
         plan = schedule(trainer.cfg, trainer.state.images_seen, grew=True)
         trainer.step()

@@ -171,7 +171,6 @@ def test_random_warp_changes_the_input_not_the_target(project, monkeypatch):
         trainer = StageTrainer(job(project, "a", train_cfg({"a": stage(random_warp=warp, flip=False)})))
         inputs = []
         trainer.model.encoder.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
-        trainer.pbar = loop_module.tqdm(disable=True)
         trainer.step()
         batch = torch.cat([trainer.data.batch(d, 0, 4) for d in "ab"])  # step 0's rows of each domain
         assert torch.equal(torch.cat(seen["targets"]), batch)  # the target is never warped
@@ -181,7 +180,6 @@ def test_random_warp_changes_the_input_not_the_target(project, monkeypatch):
 def one_step(project, **settings) -> tuple[StageTrainer, dict[str, torch.Tensor]]:
     trainer = StageTrainer(job(project, "a", train_cfg({"a": stage(**settings)})))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.pbar = loop_module.tqdm(disable=True)
     trainer.step()
     return trainer, before
 
@@ -251,7 +249,6 @@ def test_ema_weights_are_published_when_configured(project, use_for_output):
 def test_a_non_finite_step_touches_nothing(project, monkeypatch):
     monkeypatch.setenv(POISON_ENV, "2")
     trainer = StageTrainer(job(project, "a", train_cfg({"a": stage()})))
-    trainer.pbar = loop_module.tqdm(disable=True)
     trainer.step(), trainer.step()
     before = {k: v.clone() for k, v in trainer.state.tensors().items()}
     trainer.step()  # poisoned: NaN loss and gradients

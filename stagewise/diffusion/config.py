@@ -145,6 +145,7 @@ class PhaseConfig(Section):
 
 class DiffusionConfig(Section):
     device: str = "auto"
+    devices: int = Field(1, ge=1)  # > 1: torchrun DDP on this many processes, as train.devices
     model: ModelSpec = ModelSpec()
     defaults: dict[str, Any] = {}
     stages: dict[str, PhaseConfig] = {}

@@ -1,7 +1,7 @@
 """One diffusion phase: the parent's UNet in, ``runs/<phase>/`` out. To resume, run the same command again.
 
-The loop is the autoencoder trainer's (status -> validation -> checkpoint -> done -> step, progress in
-images) on the same shared pieces: ``Backups`` (atomic safetensors + JSON, rolling + start/end),
+The loop is the autoencoder trainer's, the one ``runner.Runner.run`` (status -> validation -> checkpoint ->
+done -> step, progress in images, torchrun DDP when ``diffusion.devices`` > 1) on the same shared pieces: ``Backups`` (atomic safetensors + JSON, rolling + start/end),
 ``NanGuard`` / ``skip_if_not_finite`` (a non-finite step is skipped, a run of them rolls back to the last
 good backup with a lower LR), ``EMA`` (half-life in kimg). Every random draw -- rows, timesteps, noise,
 offset noise, caption dropout -- is seeded from (phase seed, step, micro-batch), and the LR is a function
@@ -19,15 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
-
 from stagewise.cli import StageError
 from stagewise.code import DIFFUSE_CODE, code_fingerprint
 from stagewise.codecs import CodecConfig, load_codec
@@ -38,14 +35,15 @@ from stagewise.diffusion.config import DiffusionConfig, PhaseConfig, phase_error
 from stagewise.diffusion.data import PhaseData
 from stagewise.diffusion.optim import load_optimizer_state, lr_factor, make_optimizer, optimizer_state
 from stagewise.diffusion.validate import sample_latents, target_for, validation_loss, write_samples
-from stagewise.io import sha256_file, write_json, write_text
+from stagewise.io import sha256_file, write_json
 from stagewise.train import checkpoint as ckpt
 from stagewise.train.data import mix_seed
 from stagewise.train.ema import EMA
+from stagewise.train.dist import batch_split_error
 from stagewise.train.guard import NanGuard, skip_if_not_finite
 from stagewise.train.loop import write_history  # the autoencoder loop's history.tsv writer
-from stagewise.train.schedule import next_point  # the cadence: the next multiple of an interval in images
 from stagewise.train.recipe import INIT
+from stagewise.train.runner import Cadence, Runner, cadence
 
 log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,13 +84,17 @@ def save_unet(folder: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]
     write_json(folder / dm.UNET_META, meta)
 
 
-class PhaseTrainer:
+class PhaseTrainer(Runner):
+    kind, section, kimg_digits = "phase", "diffusion.stages", 4
+
     def __init__(self, job: PhaseJob):
         from diffusers import DDPMScheduler
 
         self.job, self.cfg, self.name = job, job.cfg, job.name
         cfg = self.cfg
-        self.device = pick_device(job.diffusion.device)
+        self.device = self.init_runner(pick_device(job.diffusion.device))
+        if error := batch_split_error(cfg.batch_size, self.dist.world, "diffusion.devices"):
+            raise phase_error(self.name, "batch_size", error)
         self.codec = load_codec(job.codec, self.device)
         try:
             self.unet, self.parent_meta = load_unet(job.parent_dir, self.device)
@@ -123,22 +125,19 @@ class PhaseTrainer:
         self.opt = make_optimizer(list(self.unet.parameters()), cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.ema = EMA(self.unet, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio) if cfg.ema_halflife_kimg else None
-        self.guard = NanGuard(self.device)
+        self.guard = NanGuard(self.device, cfg.guard.max_bad_steps)
         self.gen = torch.Generator(device=self.device)
         self.images_seen = self.step_count = self.rollbacks = 0
         self.lr_scale = self.eps_scale = 1.0
         self.wall_s = 0.0
         self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        self.sums: dict[str, torch.Tensor] = {}
-        self.sum_steps = 0
-        self.pbar = tqdm(disable=True)  # run() shows the real one
-        self.clock = time.perf_counter()
+        self.epoch = 0
+        self.counters = self  # the runner's images_seen, scales, rollbacks, wall_s, history, events
         self.parent_sha256 = sha256_file(job.parent_dir / dm.UNET_FILE)
         self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint, code_fingerprint(DIFFUSE_CODE))
         self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
-        self._resume_or_start()
-        self.last_status = self.last_save = self.last_val = self.images_seen
+        self.resume_or_start(self._start)
 
     # ---------------------------------------------------------------------------------- state, resume
 
@@ -178,39 +177,42 @@ class PhaseTrainer:
             self.history = [row for row in self.history if row["images_seen"] <= self.images_seen]
         self.apply_hparams()
 
-    def _resume_or_start(self) -> None:
-        if removed := self.backups.remove_partial_writes():
-            log.info("%s: removed %d temp file(s) of an interrupted save", self.name, removed)
-        backup = self.backups.latest(max_images=self.cfg.length_images)
-        if backup is not None:
-            self.load(*backup.load(self.device))
-            self.event("resumed", backup=str(backup.tensors_path), from_kimg=backup.images_seen / 1000)
-        else:
-            self.event("started", parent=self.cfg.parent, rows=len(self.data.latents), subsets=self.data.counts, optimizer=self.cfg.optimizer)
-            self.apply_hparams()
-            self.checkpoint("start")
+    def _start(self) -> dict[str, Any]:
+        self.apply_hparams()
+        return dict(parent=self.cfg.parent, rows=len(self.data.latents), subsets=self.data.counts, optimizer=self.cfg.optimizer)
+
+    # ------------------------------------------------------------------------- the runner's interface
+
+    @property
+    def step_index(self) -> int:
+        return self.step_count
+
+    def cadence(self) -> Cadence:
+        cfg = self.cfg
+        return cadence(self.images_seen, cfg.log_every_kimg, cfg.save_every_kimg, cfg.validation.every_kimg)
+
+    def backup_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.tensors()
+
+    def load_backup(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], counters_too: bool = True) -> None:
+        self.load(tensors, meta, counters_too=counters_too)
+
+    def snapshot(self) -> None:
+        """The validation grid during the phase, into the newest history row."""
+        if self.history:
+            self.history[-1].update(self.validate_flat())
+
+    def status_fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"epoch": self.epoch, "lr": self.cfg.lr * self.lr_scale * lr_factor(self.images_seen, self.cfg)}
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}"}
+
+    def after_rollback(self) -> dict[str, Any]:
+        self.apply_hparams()
+        return {}
 
     # ------------------------------------------------------------------------------------------- loop
-
-    def run(self) -> dict[str, Any]:
-        cfg, total = self.cfg, self.cfg.length_images
-        self.pbar = tqdm(total=total, initial=min(self.images_seen, total), unit="img", desc=self.name, disable=not self.job.progress, leave=False)
-        self.clock = time.perf_counter()
-        while True:
-            done = self.images_seen >= total
-            if (done or self.images_seen >= next_point(self.last_status, cfg.log_every_kimg)) and self.status():
-                continue
-            if not done and self.images_seen >= next_point(self.last_val, cfg.validation.every_kimg):
-                self.last_val = self.images_seen
-                if self.history:
-                    self.history[-1].update(self.validate_flat())
-            if (done or self.images_seen >= next_point(self.last_save, cfg.save_every_kimg)) and self.checkpoint("end" if done else "rolling"):
-                continue
-            if done:
-                break
-            self.step()
-        self.pbar.close()
-        return self.finish()
 
     def autocast(self):
         if self.cfg.precision == "fp32":
@@ -230,19 +232,21 @@ class PhaseTrainer:
 
     def draw(self, rows: torch.Tensor, micro: int, poison: bool = False) -> dict[str, torch.Tensor]:
         """One micro-batch's inputs: clean latents, noise (+ offset noise), timesteps, caption indices
-        (dropped ones point at ""); every draw seeded from (seed, step, micro)."""
+        (dropped ones point at ""); every draw seeded from (seed, step, micro). Under DDP each rank draws
+        the global batch's noise, timesteps and dropout and keeps its rows' (``part``): one process's draws."""
         cfg, data = self.cfg, self.data
         self.gen.manual_seed(mix_seed(cfg.seed, self.step_count, micro, 1))
-        x0 = data.batch(rows)
+        n, part = len(rows), self.dist.rows(len(rows))
+        x0 = data.batch(rows[part])
         if poison:
             x0 = x0 * float("nan")
-        n = len(rows)
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        noise = torch.randn((n, *x0.shape[1:]), generator=self.gen, device=self.device)
         if cfg.offset_noise:  # zero-frequency noise: lets the model change an image's mean brightness
             noise = noise + cfg.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=self.gen, device=self.device)
         t = torch.randint(0, self.num_timesteps, (n,), generator=self.gen, device=self.device)
         keep = torch.rand(n, generator=self.gen, device=self.device) >= data.dropout[rows]
-        return {"x0": x0, "noise": noise, "t": t, "caption": torch.where(keep, data.caption_index[rows], self.empty), "weight": data.loss_weight[rows]}
+        caption = torch.where(keep, data.caption_index[rows], self.empty)
+        return {"x0": x0, "noise": noise[part], "t": t[part], "caption": caption[part], "weight": data.loss_weight[rows][part]}
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return target_for(self.scheduler, self.cfg.prediction, x0, noise, t)
@@ -273,6 +277,7 @@ class PhaseTrainer:
             loss = self.loss(self.draw(rows, micro, poison))
             self.scaler.scale(loss / accum).backward()
             total = total + loss.detach() / accum
+        total = self.sync_gradients(list(self.unet.parameters()), total)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
         params = [p for p in self.unet.parameters() if p.grad is not None]
@@ -287,82 +292,11 @@ class PhaseTrainer:
         if self.ema is not None:
             self.ema.update(self.unet, batch * accum)
         self.guard.observe(finite)
-        for k, v in {"loss": total, "grad_norm": norm.float()}.items():
-            self.sums[k] = self.sums.get(k, 0) + torch.where(finite, v, 0.0)
-        self.sums["_finite_steps"] = self.sums.get("_finite_steps", 0) + finite.float()
-        self.sum_steps += 1
+        self.accumulate({"loss": total, "grad_norm": norm.float()}, finite)
         self.epoch = epoch
         self.step_count += 1
         self.images_seen += batch * accum
         self.pbar.update(batch * accum)
-
-    # ------------------------------------------------------------------------------ status, guard, save
-
-    def status(self) -> bool:
-        """Sync once: a history row, and the NaN guard's verdict. True when it rolled back."""
-        now = time.perf_counter()
-        seconds, images = now - self.clock, self.images_seen - self.last_status
-        self.wall_s += seconds
-        self.clock, self.last_status = now, self.images_seen
-        longest, skipped = self.guard.check()
-        if self.sum_steps:
-            keys = list(self.sums)
-            values = dict(zip(keys, torch.stack([torch.as_tensor(self.sums[k], device=self.device, dtype=torch.float32) for k in keys]).tolist()))
-            finite_steps = max(values.pop("_finite_steps"), 1.0)
-            row = {"kimg": round(self.images_seen / 1000, 4), "images_seen": self.images_seen, "step": self.step_count, "epoch": getattr(self, "epoch", 0),
-                   "wall_s": round(self.wall_s, 2), "images_per_s": round(images / max(seconds, 1e-9), 2),
-                   "lr": self.cfg.lr * self.lr_scale * lr_factor(self.images_seen, self.cfg), "skipped_steps": skipped}
-            row.update({k: v / finite_steps for k, v in values.items()})
-            self.history.append(row)
-            self.pbar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        self.sums, self.sum_steps = {}, 0
-        if longest >= self.cfg.guard.max_bad_steps:
-            self.rollback(f"{longest} consecutive non-finite steps")
-            return True
-        return False
-
-    def rollback(self, reason: str) -> None:
-        guard = self.cfg.guard
-        backup = self.backups.latest(max_images=self.images_seen)
-        where = f"at {self.images_seen / 1000:g} kimg (step {self.step_count})"
-        if backup is None or self.rollbacks >= guard.max_rollbacks:
-            good = f"the last good backup is {backup.tensors_path} ({backup.images_seen / 1000:g} kimg)" if backup else "no good backup exists"
-            self.event("failed", reason=reason, rollbacks=self.rollbacks)
-            raise StageError(f"phase {self.name}: {reason} {where}, after {self.rollbacks} rollback(s) with the LR lowered to x{self.lr_scale:g}; giving up "
-                             f"(diffusion.stages.{self.name}.guard.max_rollbacks = {guard.max_rollbacks}). Non-finite weights were never saved: {good}. "
-                             f"Lower diffusion.stages.{self.name}.lr, or use precision fp32/bf16.")
-        self.load(*backup.load(self.device), counters_too=False)
-        self.rollbacks += 1
-        self.lr_scale *= guard.lr_factor
-        self.eps_scale *= guard.eps_factor
-        self.apply_hparams()
-        self.guard.reset()
-        self.last_status = self.last_save = self.last_val = self.images_seen
-        self.pbar.reset(total=self.cfg.length_images)
-        self.pbar.update(self.images_seen)
-        self.event("rollback", reason=f"{reason} {where}", backup=str(backup.tensors_path), to_kimg=backup.images_seen / 1000, lr_scale=self.lr_scale, rollbacks=self.rollbacks)
-
-    def checkpoint(self, kind: str) -> bool:
-        if kind != "start" and self.status():  # the guard gets its say before anything is written
-            return True
-        self.last_save = self.images_seen
-        tensors, meta = self.tensors()
-        try:
-            self.backups.save(kind, self.images_seen, tensors, meta)
-        except ckpt.NonFiniteError as exc:
-            self.rollback(f"non-finite weights ({exc})")
-            return True
-        except ckpt.SaveError as exc:
-            good = self.backups.latest()
-            kept = f"the newest backup is {good.tensors_path}" if good else "no backup was written yet"
-            raise StageError(f"phase {self.name}: {exc}; {kept}. Free some disk space and run the same command again: it resumes from there.") from None
-        return False
-
-    def event(self, kind: str, **fields: Any) -> None:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stage": self.name, "event": kind, "kimg": self.images_seen / 1000, "step": self.step_count, **fields}
-        self.events.append(entry)
-        write_text(self.job.out_dir / "events.jsonl", "".join(json.dumps(e) + "\n" for e in self.events))
-        log.log(logging.WARNING if kind in ("rollback", "failed") else logging.INFO, "%s: %s %s", self.name, kind, fields)
 
     # ------------------------------------------------------------------------------------- finish
 

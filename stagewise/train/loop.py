@@ -1,34 +1,29 @@
 """One training stage: parent model in, ``runs/<stage>/`` out. To resume, run the same command again.
 
-The loop (``StageTrainer.run``) is edm2's: status -> snapshot -> checkpoint -> done -> step, with progress
-counted in images (both domains together). What is due when is the schedule's (``schedule.schedule``: a
-pure function of images seen); the loop only reads it. Everything it calls is a short method below, each
-doing one thing:
+The loop (``runner.Runner.run``, shared with the diffusion phases) is edm2's: status -> snapshot ->
+checkpoint -> done -> step, with progress counted in images (both domains together). What is due when is
+the schedule's (``schedule.schedule``: a pure function of images seen); the loop only reads it. The runner
+owns status, rollback, checkpoint, short cycles and events; this family supplies the rest, each a short
+method doing one thing:
 
     setup      load the parent, grow it if the stage doubles the resolution, freeze, load the cache,
                resume from the newest good backup of the same config (or save the ``start`` backup)
     step       the schedule's fade / LR, per domain a batch (flip), warp the *input* only, autocast
                forward, losses (+ GAN), backward, unscale / clip, one optimizer step that a non-finite
                loss or gradient skips on the device, LRD around it, EMA after it
-    status     the one place that syncs: losses -> history row, and the NaN guard's verdict
-    rollback   the loop's answer to a tripped guard (or to weights it refused to save)
-    checkpoint save a backup; short_cycle reloads it
+    snapshot   preview.png during the stage
     finish     preview.png, metrics.json, history.tsv, model.safetensors + meta.json, events.jsonl
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
 from stagewise.cli import StageError
 from stagewise.code import code_fingerprint
 from stagewise.codecs import CodecConfig, load_codec
@@ -38,6 +33,7 @@ from stagewise.io import sha256_file, write_json, write_text
 from stagewise.models.autoencoder import DOMAINS, grow
 from stagewise.train import checkpoint as ckpt
 from stagewise.train.data import StageData, mix_seed
+from stagewise.train.dist import batch_split_error
 from stagewise.train.freeze import FreezeError, Trainable, resolve
 from stagewise.train.gan import d_loss, frozen, g_loss
 from stagewise.train.guard import NanGuard, skip_if_not_finite
@@ -45,6 +41,7 @@ from stagewise.train.losses import reconstruction_loss
 from stagewise.train.metrics import evaluate
 from stagewise.train.preview import write_preview
 from stagewise.train.recipe import INIT, StageConfig, TrainConfig, stage_error
+from stagewise.train.runner import Cadence, Runner
 from stagewise.train.schedule import Schedule, schedule
 from stagewise.train.state import TrainState
 from stagewise.train.warp import random_flip, random_warp
@@ -71,11 +68,13 @@ class StageJob:
         return self.train.stages[self.name]
 
 
-class StageTrainer:
+class StageTrainer(Runner):
     def __init__(self, job: StageJob):
         self.job, self.cfg, self.name = job, job.cfg, job.name
         cfg = self.cfg
-        self.device = pick_device(job.train.device)
+        self.device = self.init_runner(pick_device(job.train.device))
+        if error := batch_split_error(cfg.batch_size, self.dist.world, "train.devices"):
+            raise stage_error(self.name, "batch_size", error)
         self.codec = load_codec(job.codec, self.device)
         self.model, parent_meta = self._load_parent()
         self.grew = self.model.resolution_px == 2 * parent_meta["architecture"]["resolution_px"]
@@ -97,11 +96,8 @@ class StageTrainer:
         self.parent_meta = parent_meta
         self.fingerprint = fingerprint(cfg.resume_fingerprint_fields(), self.codec.id, self.codec.shift, self.codec.scale, self.parent_sha256, self.data.fingerprint, code_fingerprint())
         self.backups = ckpt.Backups(job.backups_dir, self.fingerprint, cfg.backups_kept)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.sum_steps = 0
-        self._resume_or_start()
-        # The one point that moves only when it is taken: a short cycle is due at the first rolling backup past it.
-        self.next_cycle = self.plan().next_cycle
+        self.counters = self.state  # the runner's images_seen, scales, rollbacks, wall_s, history, events
+        self.resume_or_start(self._start)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -127,52 +123,41 @@ class StageTrainer:
         except FreezeError as exc:
             raise stage_error(self.name, "freeze", str(exc)) from None
 
-    def _resume_or_start(self) -> None:
-        if removed := self.backups.remove_partial_writes():
-            log.info("%s: removed %d temp file(s) of a save that was interrupted", self.name, removed)
-        backup = self.backups.latest(max_images=self.cfg.length_images)
-        if backup is not None:
-            tensors, meta = backup.load(self.device)
-            self.state.load(tensors, meta)
-            self.event("resumed", backup=str(backup.tensors_path), from_kimg=backup.images_seen / 1000)
-        else:
-            freeze_changed = sorted(self.cfg.freeze) != sorted(self.parent_meta.get("config", {}).get("freeze", []))
-            # DFL keeps Adam's moments (and EMA, D) across stage switches; a fresh Adam would move every weight by ~lr at once
-            carry = None if self.cfg.reset_optimizer else ckpt.load_carry(self.job.parent_dir, self.device)
-            carried = self.state.carry_from(carry) if carry else {}
-            self.event("started", grew=self.grew, frozen_tensors=len(self.trainable.frozen), trainable_tensors=len(self.trainable.params), freeze_changed=freeze_changed, carried=carried)
-            self.checkpoint("start")
+    def _start(self) -> dict[str, Any]:
+        """A fresh stage (no backup to resume): carry the parent's optimizer state; the ``started`` event's fields."""
+        freeze_changed = sorted(self.cfg.freeze) != sorted(self.parent_meta.get("config", {}).get("freeze", []))
+        # DFL keeps Adam's moments (and EMA, D) across stage switches; a fresh Adam would move every weight by ~lr at once
+        carry = None if self.cfg.reset_optimizer else ckpt.load_carry(self.job.parent_dir, self.device)
+        carried = self.state.carry_from(carry) if carry else {}
+        return dict(grew=self.grew, frozen_tensors=len(self.trainable.frozen), trainable_tensors=len(self.trainable.params), freeze_changed=freeze_changed, carried=carried)
+
+    # ------------------------------------------------------------------------- the runner's interface
+
+    @property
+    def step_index(self) -> int:
+        return self.state.step
+
+    def cadence(self) -> Cadence:
+        plan = self.plan()
+        return Cadence(plan.next_log, plan.next_save, plan.next_preview, plan.next_cycle)
+
+    def backup_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.state.tensors(), {**self.state.meta(), "stage": self.name}
+
+    def load_backup(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], counters_too: bool = True) -> None:
+        self.state.load(tensors, meta, counters_too=counters_too)
+
+    def status_fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": self.plan().lr}
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss_a": f"{row.get('loss_a', float('nan')):.4f}", "loss_b": f"{row.get('loss_b', float('nan')):.4f}"}
+
+    def after_rollback(self) -> dict[str, Any]:
+        plan = self.plan()
+        return {"lr": plan.lr, "eps": plan.eps}
 
     # ------------------------------------------------------------------------------------------- loop
-
-    def run(self) -> dict[str, Any]:
-        st, total = self.state, self.cfg.length_images
-        self.pbar = tqdm(total=total, initial=min(st.images_seen, total), unit="img", desc=self.name, disable=not self.job.progress, leave=False)
-        self.clock, self.status_images = time.perf_counter(), st.images_seen  # for the rows' wall_s and images_per_s
-        plan = self.plan()  # seen from where the stage (re)starts: nothing is due before its next points
-        while True:
-            done = st.images_seen >= total
-            if done or st.images_seen >= min(plan.next_log, plan.next_save):  # a row before each backup: it holds the history
-                self.status()
-                if self.guard.tripped:
-                    plan = self.rollback(f"{self.guard.longest_run} consecutive non-finite steps")
-                    continue
-            if not done and st.images_seen >= plan.next_preview:
-                self.snapshot()
-            if done or st.images_seen >= plan.next_save:
-                try:
-                    backup = self.checkpoint("end" if done else "rolling")
-                except ckpt.NonFiniteError as exc:  # never saved
-                    plan = self.rollback(f"non-finite weights ({exc})")
-                    continue
-                if not done and st.images_seen >= self.next_cycle:
-                    self.short_cycle(backup)
-            if done:
-                break
-            plan = self.plan()
-            self.step(plan)
-        self.pbar.close()
-        return self.finish()
 
     def plan(self) -> Schedule:
         """The plan at the current progress (and this run's NaN-rollback scales)."""
@@ -201,6 +186,8 @@ class StageTrainer:
             if poison:
                 target = target * float("nan")
             source = random_warp(target, self.gen, cfg.warp) if cfg.random_warp else target  # the input only
+            # under DDP: this rank's rows of the global batch, drawn and augmented as one process would
+            target, source = self.dist.split(target, len(DOMAINS)), self.dist.split(source, len(DOMAINS))
             with self.autocast():
                 features = encode(source)
                 pred = torch.cat([decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)])
@@ -218,15 +205,13 @@ class StageTrainer:
                 self._add(parts, {"gan_d": loss_d.detach(), "gan_g": loss_g.detach()}, accum)
             st.scaler.scale(loss / accum).backward()
             total = total + loss.detach()
+        total = self.sync_gradients(self.trainable.params + (list(st.disc.parameters()) if st.disc is not None else []), total)
         finite, grad_norm = self._optimizer_step(total)
         parts["grad_norm"] = grad_norm
         if st.ema is not None:
             st.ema.update(model, 2 * batch * accum)
         self.guard.observe(finite)
-        for k, v in parts.items():  # sums of finite steps only: a skipped step must not turn the mean into NaN
-            self.sums[k] = self.sums.get(k, 0) + torch.where(finite, v, 0.0)
-        self.sums["_finite_steps"] = self.sums.get("_finite_steps", 0) + finite.float()
-        self.sum_steps += 1
+        self.accumulate(parts, finite)
         st.step += 1
         st.images_seen += 2 * batch * accum
         self.pbar.update(2 * batch * accum)
@@ -277,85 +262,11 @@ class StageTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST[self.cfg.precision])
 
-    # --------------------------------------------------------------------------------- status, guard
-
-    def status(self) -> None:
-        """Sync once: a history row of the losses since the last status, and the NaN guard's count (``guard.tripped``)."""
-        st = self.state
-        now = time.perf_counter()
-        seconds, images = now - self.clock, st.images_seen - self.status_images
-        st.wall_s += seconds
-        self.clock, self.status_images = now, st.images_seen
-        _, skipped = self.guard.check()
-        if self.sum_steps:
-            keys = list(self.sums)
-            values = dict(zip(keys, torch.stack([torch.as_tensor(self.sums[k], device=self.device, dtype=torch.float32) for k in keys]).tolist()))
-            finite_steps = max(values.pop("_finite_steps"), 1.0)
-            row = {"kimg": round(st.images_seen / 1000, 3), "images_seen": st.images_seen, "step": st.step, "wall_s": round(st.wall_s, 2)}
-            row["images_per_s"] = round(images / max(seconds, 1e-9), 2)
-            row["lr"] = self.plan().lr
-            row.update({k: v / finite_steps for k, v in values.items()})
-            row["skipped_steps"] = skipped
-            st.history.append(row)
-            self.pbar.set_postfix(loss_a=f"{row.get('loss_a', float('nan')):.4f}", loss_b=f"{row.get('loss_b', float('nan')):.4f}", refresh=False)
-            log.debug("%s", row)
-        self.sums, self.sum_steps = {}, 0
-
-    def rollback(self, reason: str) -> Schedule:
-        """Back to the last good backup with a lower LR and a higher epsilon; the plan from there. Past
-        ``guard.max_rollbacks`` (or with no backup) the stage fails, naming the last good backup."""
-        st, guard = self.state, self.cfg.guard
-        backup = self.backups.latest(max_images=st.images_seen)
-        where = f"at {st.images_seen / 1000:g} kimg (step {st.step})"
-        if backup is None or st.rollbacks >= guard.max_rollbacks:
-            good = f"the last good backup is {backup.tensors_path} ({backup.images_seen / 1000:g} kimg)" if backup else "no good backup exists"
-            self.event("failed", reason=reason, rollbacks=st.rollbacks, good_backup=str(backup.tensors_path) if backup else None)
-            raise StageError(
-                f"stage {self.name}: {reason} {where}, after {st.rollbacks} rollback(s) with the LR lowered to x{st.lr_scale:g} "
-                f"and epsilon raised to x{st.eps_scale:g}; giving up (train.stages.{self.name}.guard.max_rollbacks = {guard.max_rollbacks}). "
-                f"Non-finite weights were never saved: {good}. Lower train.stages.{self.name}.lr, or use precision fp32/bf16."
-            )
-        tensors, meta = backup.load(self.device)
-        st.load(tensors, meta, counters_too=False)
-        st.rollbacks += 1
-        st.lr_scale *= guard.lr_factor
-        st.eps_scale *= guard.eps_factor
-        self.guard.reset()
-        self.status_images = st.images_seen
-        self.pbar.reset(total=self.cfg.length_images)
-        self.pbar.update(st.images_seen)
-        plan = self.plan()
-        self.event("rollback", reason=f"{reason} {where}", backup=str(backup.tensors_path), to_kimg=backup.images_seen / 1000, lr=plan.lr, eps=plan.eps, rollbacks=st.rollbacks)
-        return plan
-
-    # ------------------------------------------------------------------------------ snapshot, backups
+    # -------------------------------------------------------------------------------------- snapshot
 
     def snapshot(self) -> None:
         with self.output_weights():
             write_preview(self.job.out_dir / "preview.png", self.model, self.codec, self.preview_sources())
-
-    def checkpoint(self, kind: str) -> ckpt.Backup:
-        """Save a backup. Raises ``ckpt.NonFiniteError`` (nothing written) for weights that hold NaN or inf."""
-        st = self.state
-        try:
-            return self.backups.save(kind, st.images_seen, st.tensors(), {**st.meta(), "stage": self.name})
-        except ckpt.SaveError as exc:  # a full disk is the user's to fix, not a bug: say so, and what is safe
-            good = self.backups.latest()
-            kept = f"the backups already written are intact, the newest is {good.tensors_path} ({good.images_seen / 1000:g} kimg)" if good else "no backup was written yet"
-            raise StageError(f"stage {self.name}: {exc}; {kept}. Free some disk space and run the same command again: it resumes from there.") from None
-
-    def short_cycle(self, backup: ckpt.Backup) -> None:
-        """Reload what was just saved, as a restart would (the seed idea: a resume must change nothing)."""
-        self.state.load(*backup.load(self.device))
-        self.next_cycle = self.plan().next_cycle
-        self.event("short_cycle", backup=str(backup.tensors_path))
-
-    def event(self, kind: str, **fields: Any) -> None:
-        st = self.state
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stage": self.name, "event": kind, "kimg": st.images_seen / 1000, "step": st.step, **fields}
-        st.events.append(entry)
-        write_text(self.job.out_dir / "events.jsonl", "".join(json.dumps(e) + "\n" for e in st.events))
-        log.log(logging.WARNING if kind in ("rollback", "failed") else logging.INFO, "%s: %s %s", self.name, kind, {k: v for k, v in fields.items()})
 
     # ----------------------------------------------------------------------------------------- finish
 

@@ -108,6 +108,7 @@ class TrainConfig(Section):
 
     device: str = "auto"  # auto = cuda, then mps, then cpu
     compile: bool = False  # torch.compile the model; pays off only on long GPU runs
+    devices: int = Field(1, ge=1)  # > 1: torchrun DDP on this many processes (GPUs; gloo processes on CPU); batch_size must divide
     defaults: dict[str, Any] = {}  # stage settings shared by every stage (a stage's own keys win)
     stages: dict[str, StageConfig]
 
