@@ -86,7 +86,7 @@ class StageData:
             rows = frame[frame["domain"] == domain]
             shas = sorted(set(rows["sha256"]))
             if len(shas) <= holdout_per_domain:
-                raise StageError(f"{cache_dir}: domain {domain!r} has {len(shas)} image(s); holdout_per_domain {holdout_per_domain} would leave none to train on")
+                raise StageError(f"{cache_dir}: domain {domain!r} has {len(shas)} image(s); holdout_per_domain {holdout_per_domain} would leave none to train on: lower train.defaults.holdout_per_domain (or the stage's own; 0 measures training images) or add images of {domain!r}")
             held = set(shas[:holdout_per_domain])
             train_rows = rows[~rows["sha256"].isin(held) & (self.use_flipped | ~rows["flipped"])]
             held_rows = rows[rows["sha256"].isin(held) & ~rows["flipped"]]
