@@ -20,7 +20,14 @@ Printed per domain, on the held-out images at 256 px:
 
 and the training throughput (images/s over the three stages, both domains counted).
 
-    python benchmarks/quality.py [--subjects dog2 dog3] [--kimg-128 1.5] [--kimg-256 1.0] [--lr 0.001]
+Augmentation on a latent codec, two ways (the README's table compares them):
+
+    (b) default: the loop resamples the latent grid, one affine for input and target (augment.py)
+    (a) --variants K: K affine variants of every training crop made in pixel space *before* encoding
+        (each one a training image of its own, through the real cache), and the loop's latent affine
+        off (warp.affine false); the smooth warp stays on the input's latent. Encoding costs K + 1 times.
+
+    python benchmarks/quality.py [--subjects dog2 dog3] [--kimg-128 1.5] [--kimg-256 1.0] [--lr 0.001] [--variants 0]
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +61,9 @@ from stagewise.train import checkpoint as ckpt  # noqa: E402
 from stagewise.train.loop import StageJob, run_stage  # noqa: E402
 from stagewise.train.metrics import _uint8, pixel_scores  # noqa: E402
 from stagewise.train.preview import to_pixels  # noqa: E402
+from stagewise.train.augment import draw  # noqa: E402
 from stagewise.train.recipe import parse_train  # noqa: E402
+from stagewise.train.warp import WarpConfig  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets" / "dreambooth"
 SIZES = (128, 256)
@@ -90,6 +100,23 @@ def write_images(datasets: Path, subjects: list[str], crops_per_photo: int, hold
     return {split: pd.DataFrame(r) for split, r in rows.items()}
 
 
+def write_variants(train: pd.DataFrame, count: int, warp: WarpConfig, folder: Path) -> pd.DataFrame:
+    """``count`` pixel-space affine variants (the warp's rotation / scale / translation ranges) of every
+    training crop, as PNGs; returns their dataset rows (same domain and caption as the crop)."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for record in train.itertuples():
+        photo = torch.from_numpy(np.array(Image.open(record.path).convert("RGB"))).permute(2, 0, 1).float()[None] / 255
+        for k in range(count):
+            target_grid, _ = draw(1, gen, warp.model_copy(update={"affine": True}), False, photo.device).grids(*photo.shape[-2:])
+            moved = F.grid_sample(photo, target_grid, mode="bilinear", padding_mode=warp.padding, align_corners=False)
+            out = folder / record.domain / f"{Path(record.path).stem}-v{k}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((moved[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(out)
+            rows.append({"path": str(out), "domain": record.domain, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "caption": record.caption})
+    return pd.DataFrame(rows)
+
+
 def photo_pixels(frame: pd.DataFrame, domain: str, size_px: int) -> torch.Tensor:
     """The original images of ``frame``'s rows of ``domain``, in the cache's sha256 order, as RGB [0, 1]."""
     rows = frame[frame["domain"] == domain].sort_values("sha256")
@@ -113,6 +140,7 @@ def main() -> None:
     parser.add_argument("--kimg-128", type=float, default=1.5, help="length of s128 (default: %(default)s)")
     parser.add_argument("--kimg-256", type=float, default=1.0, help="length of s256_locked + s256 together, split 1:1 (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.001, help="every stage's learning rate (default: %(default)s, the demo's)")
+    parser.add_argument("--variants", type=int, default=0, help="(a): pixel-space affine variants per training crop, encoded into the cache; 0: the loop's latent affine (b) (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.defaults, e.g. random_warp=false")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".stagewise" / "quality", help="crops and their latent caches, reused by the next run (git-ignored; default: %(default)s)")
     parser.add_argument("--keep", help="keep the training runs here instead of a temp dir")
@@ -127,6 +155,8 @@ def main() -> None:
     cache_cfg = load_section("cache", CacheConfig, args.params).model_copy(update={"workers": 2})
     defaults = dict(read_params(args.params).get("train", {}).get("defaults") or {})
     defaults.update(holdout_per_domain=0, preview_rows=1, log_every_kimg=0.25, save_every_kimg=100, lr=args.lr)
+    if args.variants:  # the affine is in the variants' pixels: the loop keeps only the smooth warp on the input
+        defaults["warp"] = {**(defaults.get("warp") or {}), "affine": False}
     defaults.update({k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)})
     half = args.kimg_256 / 2
     recipe = {
@@ -141,16 +171,23 @@ def main() -> None:
         clock = time.perf_counter()
         store = args.cache_dir / f"{'-'.join(args.subjects)}-{args.crops}x-{args.holdout_photos}"
         frames = write_images(args.datasets, args.subjects, args.crops, args.holdout_photos, store / "images")
+        caches = {split: store / "cache" / split for split in frames}
+        if args.variants:
+            warp = parse_train({"defaults": defaults, "stages": recipe}).stages["s128"].warp
+            variants = write_variants(frames["train"], args.variants, warp, store / "images" / f"variants-{args.variants}")
+            frames["train"] = pd.concat([frames["train"], variants], ignore_index=True)
+            caches["train"] = store / "cache" / f"train-variants-{args.variants}"
         for split, frame in frames.items():  # incremental: a second run encodes nothing
             for px in SIZES:
-                update_cache(frame, store / "cache" / split / str(px), px, codec, cache_cfg if split == "train" else cache_cfg.model_copy(update={"flip": False}))
+                update_cache(frame, caches[split] / str(px), px, codec, cache_cfg if split == "train" else cache_cfg.model_copy(update={"flip": False}))
         print(f"cache: {sum(len(f) for f in frames.values())} images at {SIZES} px in {time.perf_counter() - clock:.0f} s", file=sys.stderr, flush=True)
         init = init_model(model_cfg, codec.channels, codec.factor)
         ckpt.save_model(work / "runs" / "init", init, {"stage": "init", "codec_id": codec.id, "config": {}})
         params_m = sum(p.numel() for p in init.parameters()) / 1e6
         images = seconds = 0.0
         for name, stage in train.stages.items():
-            job = StageJob(name, train, codec_cfg, work / "runs" / stage.parent, store / "cache" / "train" / str(stage.resolution_px), work / "runs" / name, work / "runs" / name / "backups", progress=False)
+            half_cache = caches["train"] / str(stage.resolution_px // 2)
+            job = StageJob(name, train, codec_cfg, work / "runs" / stage.parent, caches["train"] / str(stage.resolution_px), work / "runs" / name, work / "runs" / name / "backups", progress=False, parent_cache_dir=half_cache if half_cache.is_dir() else None)
             start = time.perf_counter()
             metrics = run_stage(job)
             seconds += time.perf_counter() - start
@@ -163,6 +200,7 @@ def main() -> None:
         print(f"subjects a={args.subjects[0]} b={args.subjects[1]}; {n_train} training images per domain (+ mirrors), "
               f"{(frames['heldout']['domain'] == 'a').sum()} held out ({args.holdout_photos} photos x {args.crops} crops); codec {codec.id}; "
               f"model {params_m:.2f} M params at 128 px; recipe s128 {args.kimg_128:g} kimg -> s256_locked {half:g} -> s256 {half:g}, lr {args.lr:g}"
+              + (f"; {args.variants} pixel-space variants per crop (a)" if args.variants else "; latent affine (b)")
               + (f"; set {' '.join(args.set)}" if args.set else ""))
         print(f"{'domain':6} {'images':>6} {'model vs latent':>18} {'model vs photo':>18} {'codec ceiling':>18}")
         totals = []

@@ -22,6 +22,13 @@ from stagewise.train.recipe import load_train, stage_error
 log = logging.getLogger("stages.train")
 
 
+def parent_cache(cache: Path, resolution_px: int) -> Path | None:
+    """data/cache/<resolution_px / 2> beside --cache: a growth stage's fade-in reads the real latents of the
+    half-size images there. Not a dvc.yaml dep of its own: the parent model, one, was trained on it."""
+    half = cache.with_name(str(resolution_px // 2))
+    return half if half.is_dir() else None
+
+
 def main(args: argparse.Namespace) -> None:
     train = load_train(args.params)
     if args.stage not in train.stages:
@@ -39,6 +46,7 @@ def main(args: argparse.Namespace) -> None:
         out_dir=Path(args.out),
         backups_dir=Path(args.backups) if args.backups else Path(args.out) / "backups",
         progress=not args.no_progress,
+        parent_cache_dir=parent_cache(Path(args.cache), train.stages[args.stage].resolution_px),
     )
     metrics = run_stage(job)
     if not metrics:  # a DDP rank other than 0: rank 0 publishes and reports

@@ -12,6 +12,7 @@ from conftest import ROOT
 
 from stagewise.config import ParamsError, load_section, read_params
 from stagewise.models import ModelConfig, grow, init_model
+from stagewise.models.autoencoder import build
 from stagewise.profiles import apply_profile, available
 from stagewise.train.recipe import parse_train
 from stagewise.train.state import make_optimizer
@@ -82,3 +83,28 @@ def test_profile_models_build_grow_and_train_a_step(profile, params):
         opt.step()
         assert all(not torch.equal(before[k], v) for k, v in model.named_parameters() if v.grad is not None)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("profile", ["liae-256", "df-512"])
+def test_profile_models_build_grow_and_backprop_on_the_meta_device(profile, params):
+    """The default suite's cheap half of the slow test above: every profile model and its growths are built
+    on the meta device (shapes only: no memory, no arithmetic), and a forward + backward at each recipe
+    resolution reaches every parameter of the level in use. A shape error in any profile turns this red."""
+    apply_profile(profile, params, PROFILES)
+    model_cfg = load_section("model", ModelConfig, params)
+    train = parse_train(read_params(params)["train"])
+    channels, factor = 32, 8  # TAEF2's latent shape
+    with torch.device("meta"):
+        model = build({"model": model_cfg.model_dump(mode="json"), "channels": channels, "factor": factor, "resolution_px": model_cfg.resolution_px}, "meta")
+        for px in sorted({s.resolution_px for s in train.stages.values()}):
+            if px > model.resolution_px:
+                model = grow(model)
+            assert model.resolution_px == px
+            x = torch.randn(1, channels, px // factor, px // factor)
+            for d in "ab":
+                assert model(x, d).shape == x.shape
+            sum(model(x, d).square().mean() for d in "ab").backward()
+            unused = {n for n, p in model.named_parameters() if p.grad is None}
+            # only the parents' input / output blocks (kept for the fade-in) sit idle at fade 1
+            assert all(".inputs." in n or ".outputs." in n for n in unused), sorted(unused)[:5]
+            model.zero_grad(set_to_none=True)

@@ -25,6 +25,8 @@ from stagewise.latents import ShardWriter, to_bytes
 from stagewise.models import ModelConfig, grow, init_model
 from stagewise.train import checkpoint as ckpt
 from stagewise.train import loop as loop_module
+from stagewise.train.augment import augment
+from stagewise.train.data import mix_seed
 from stagewise.train.guard import POISON_ENV
 from stagewise.train.loop import StageJob, StageTrainer, run_stage
 from stagewise.train.recipe import parse_train
@@ -157,7 +159,10 @@ def test_freeze_by_name_pattern(project):
 # ------------------------------------------------------------------------------------ warp, LRD, GAN
 
 
-def test_random_warp_changes_the_input_not_the_target(project, monkeypatch):
+@pytest.mark.parametrize("warp,affine", [(True, True), (False, True), (True, False)])
+def test_one_affine_for_input_and_target_and_the_warp_on_the_input_only(project, monkeypatch, warp, affine):
+    """DFL's semantics: the target is the sample under the shared affine (the identity with warp.affine
+    off), the input is the same affine plus the smooth field (the affine alone with random_warp off)."""
     seen = {}
     real_loss = loop_module.reconstruction_loss
 
@@ -166,15 +171,20 @@ def test_random_warp_changes_the_input_not_the_target(project, monkeypatch):
         return real_loss(pred, target, weights)
 
     monkeypatch.setattr(loop_module, "reconstruction_loss", spy)
-    for warp in (True, False):
-        seen.clear()
-        trainer = StageTrainer(job(project, "a", train_cfg({"a": stage(random_warp=warp, flip=False)})))
-        inputs = []
-        trainer.model.encoder.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
-        trainer.step()
-        batch = torch.cat([trainer.data.batch(d, 0, 4) for d in "ab"])  # step 0's rows of each domain
-        assert torch.equal(torch.cat(seen["targets"]), batch)  # the target is never warped
-        assert torch.equal(inputs[0], batch) != warp  # the input is warped exactly when random_warp is on
+    trainer = StageTrainer(job(project, "a", train_cfg({"a": stage(random_warp=warp, flip=False, warp={"affine": affine})})))
+    inputs = []
+    trainer.model.encoder.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    trainer.step()
+    batch = torch.cat([trainer.data.batch(d, 0, 4) for d in "ab"])  # step 0's rows of each domain
+    target, source = torch.cat(seen["targets"]), inputs[0]
+    assert torch.equal(target, batch) != affine  # the target moves exactly when the affine is on
+    assert torch.equal(source, target) != warp  # the input differs from the target exactly by the warp
+    # ... and both are the augmentation the step's seed draws, of the batch the data stream gives
+    expected = augment(batch, torch.Generator().manual_seed(mix_seed(0, 0, 1)), trainer.cfg.warp, warp)
+    torch.testing.assert_close(target, expected.target, rtol=0, atol=0)
+    torch.testing.assert_close(source, expected.source, rtol=0, atol=0)
+    if affine and warp:  # the input's field is on top of the target's affine: the input is close to the target, not the batch
+        assert (source - target).abs().mean() < (source - batch).abs().mean()
 
 
 def one_step(project, **settings) -> tuple[StageTrainer, dict[str, torch.Tensor]]:
@@ -327,7 +337,7 @@ def test_backups_roll_and_stage_boundaries_are_kept(project):
 
 def test_grad_accumulation_averages_micro_batches(project):
     """Two micro-batches of 4 images = one batch of 8 (same rows): Adam's first moment after one step matches."""
-    common = dict(random_warp=False, flip=False)
+    common = dict(random_warp=False, flip=False, warp={"affine": False})  # one batch draws one affine per image, two micro-batches others
     whole, _ = one_step(project, batch_size=4, **common)
     accumulated, _ = one_step(project, batch_size=2, grad_accum=2, **common)
     assert accumulated.state.images_seen == whole.state.images_seen == 8

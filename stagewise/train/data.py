@@ -55,7 +55,9 @@ def mix_seed(*parts: int) -> int:
 
 
 class StageData:
-    def __init__(self, cache_dir: Path, codec: Codec, resolution_px: int, holdout_per_domain: int, use_flipped: bool, seed: int, device: torch.device):
+    def __init__(self, cache_dir: Path, codec: Codec, resolution_px: int, holdout_per_domain: int, use_flipped: bool, seed: int, device: torch.device, half_dir: Path | None = None):
+        """``half_dir``: the cache at half the resolution (a growth stage's fade-in): ``batch(..., with_half=True)``
+        also returns the real latents of the same images downsized, read from there."""
         self.codec, self.seed, self.device = codec, seed, torch.device(device)
         try:
             self.reader = ShardReader(cache_dir, CACHE_BYTES)
@@ -76,6 +78,7 @@ class StageData:
         self.has_flipped = bool(frame["flipped"].any())
         self.use_flipped = use_flipped and self.has_flipped
         self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # domain -> (shard_id, position) per training row
+        self._train_keys: dict[str, pd.DataFrame] = {}  # domain -> (sha256, flipped) per training row
         self.heldout: dict[str, torch.Tensor] = {}
         self.fixed: dict[str, torch.Tensor] = {}  # a few unflipped training rows, for previews
         ids = []
@@ -83,20 +86,52 @@ class StageData:
             rows = frame[frame["domain"] == domain]
             shas = sorted(set(rows["sha256"]))
             if len(shas) <= holdout_per_domain:
-                raise StageError(f"{cache_dir}: domain {domain!r} has {len(shas)} image(s); holdout_per_domain {holdout_per_domain} would leave none to train on")
+                raise StageError(f"{cache_dir}: domain {domain!r} has {len(shas)} image(s); holdout_per_domain {holdout_per_domain} would leave none to train on: lower train.defaults.holdout_per_domain (or the stage's own; 0 measures training images) or add images of {domain!r}")
             held = set(shas[:holdout_per_domain])
             train_rows = rows[~rows["sha256"].isin(held) & (self.use_flipped | ~rows["flipped"])]
             held_rows = rows[rows["sha256"].isin(held) & ~rows["flipped"]]
             self._rows[domain] = (train_rows["shard_id"].to_numpy(np.int64), train_rows["position"].to_numpy(np.int64))
+            self._train_keys[domain] = train_rows[["sha256", "flipped"]].reset_index(drop=True)
             self.fixed[domain] = self._load(train_rows[~train_rows["flipped"]].head(FIXED_ROWS)).to(self.device)
             if len(held_rows):
                 self.heldout[domain] = self._load(held_rows).to(self.device)
             ids += [f"{domain}:{s}:{int(f)}" for s, f in zip(train_rows["sha256"], train_rows["flipped"])]
-        self.fingerprint = fingerprint(codec.id, resolution_px, ids)  # which rows, in which order
+        self._half_rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        if half_dir is not None:
+            self._open_half(Path(half_dir), codec, resolution_px // 2)
+        self.fingerprint = fingerprint(codec.id, resolution_px, ids, *(["half"] if half_dir is not None else []))  # which rows, in which order
         self._perm: dict[tuple[int, int], torch.Tensor] = {}
         self._pin = self.device.type == "cuda"
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="stage-data")
         self._ahead: dict[tuple[str, int, int], Future] = {}
+
+    def _open_half(self, half_dir: Path, codec: Codec, half_px: int) -> None:
+        """Map every training row to the row of the same image (and flip) in the half-size cache."""
+        try:
+            self.half_reader = ShardReader(half_dir, CACHE_BYTES // 4)
+        except FileNotFoundError as exc:
+            raise StageError(f"{exc} (the fade-in reads the real latents of the half-size images from it)") from None
+        index = self.half_reader.index
+        if sorted(set(index["codec_id"])) != [codec.id] or sorted(set(index["resolution"])) != [half_px]:
+            raise StageError(f"{half_dir}: the fade-in needs {codec.id} latents at {half_px} px; it holds codec(s) {sorted(set(index['codec_id']))} at {sorted(set(index['resolution']))} px; rerun the cache stage")
+        shapes = {tuple(s) for s in index["shape"]}
+        expected = (self._shape[0], self._shape[1] // 2, self._shape[2] // 2)
+        if shapes != {expected}:
+            raise StageError(f"{half_dir}: half-size latents are {sorted(shapes)}, the fade-in expects {expected}")
+        self._half_shape = expected
+        lookup = index[["sha256", "flipped", "shard_id", "position"]].drop_duplicates(["sha256", "flipped"])
+        self._half_rows = {}
+        for domain, keys in self._train_keys.items():
+            found = keys.merge(lookup, on=["sha256", "flipped"], how="left")
+            missing = found["shard_id"].isna()
+            if missing.any():
+                first = found[missing].iloc[0]
+                raise StageError(f"{half_dir}: {int(missing.sum())} training image(s) of domain {domain!r} have no half-size latent (e.g. sha256 {first['sha256'][:12]}, flipped {bool(first['flipped'])}); rerun the cache stage at {half_px} px")
+            self._half_rows[domain] = (found["shard_id"].to_numpy(np.int64), found["position"].to_numpy(np.int64))
+
+    @property
+    def has_half(self) -> bool:
+        return self._half_rows is not None
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -109,9 +144,9 @@ class StageData:
         """Raw float16 latents of index ``rows`` (N, C, H, W) in host memory."""
         return self._read(rows["shard_id"].to_numpy(np.int64), rows["position"].to_numpy(np.int64), pin=False)
 
-    def _read(self, shard_ids: np.ndarray, positions: np.ndarray, pin: bool) -> torch.Tensor:
-        out = torch.empty((len(positions), *self._shape), dtype=torch.float16, pin_memory=pin)
-        self.reader.read(shard_ids, positions, out.view(len(positions), -1).view(torch.uint8).numpy())
+    def _read(self, shard_ids: np.ndarray, positions: np.ndarray, pin: bool, half: bool = False) -> torch.Tensor:
+        out = torch.empty((len(positions), *(self._half_shape if half else self._shape)), dtype=torch.float16, pin_memory=pin)
+        (self.half_reader if half else self.reader).read(shard_ids, positions, out.view(len(positions), -1).view(torch.uint8).numpy())
         return out
 
     def _permutation(self, domain_index: int, epoch: int) -> torch.Tensor:
@@ -137,22 +172,32 @@ class StageData:
             pos += take
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _gather(self, domain: str, position: int, count: int) -> torch.Tensor:
-        """The raw float16 batch in host memory (pinned on CUDA)."""
+    def _gather(self, domain: str, position: int, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw float16 batch in host memory (pinned on CUDA), and its half-size rows when there is a half cache."""
         rows = self.indices(domain, position, count).numpy()
         shard_ids, positions = self._rows[domain]
-        return self._read(shard_ids[rows], positions[rows], pin=self._pin)
+        raw = self._read(shard_ids[rows], positions[rows], pin=self._pin)
+        if self._half_rows is None:
+            return raw, None
+        half_ids, half_positions = self._half_rows[domain]
+        return raw, self._read(half_ids[rows], half_positions[rows], pin=self._pin, half=True)
 
-    def batch(self, domain: str, position: int, count: int) -> torch.Tensor:
-        """Normalised float32 latents (count, C, H, W) on the device."""
+    def batch(self, domain: str, position: int, count: int, with_half: bool = False):
+        """Normalised float32 latents (count, C, H, W) on the device; ``with_half``: (latents, the real
+        latents of the same images at half the size) — needs ``half_dir``."""
+        if with_half and self._half_rows is None:
+            raise ValueError("StageData was opened without half_dir: no half-size latents to return")
         future = self._ahead.pop((domain, position, count), None)
-        raw = future.result() if future is not None else self._gather(domain, position, count)
+        raw, raw_half = future.result() if future is not None else self._gather(domain, position, count)
         wanted = {(domain, position + k * count, count) for k in range(1, PREFETCH_BATCHES + 1)}
         for key in [k for k in self._ahead if k[0] == domain and k not in wanted]:  # a jump: drop the stale ones
             self._ahead.pop(key).cancel()
         for key in sorted(wanted - set(self._ahead)):
             self._ahead[key] = self._pool.submit(self._gather, *key)
-        return self.codec.normalize(raw.to(self.device, non_blocking=True).float())
+        x = self.codec.normalize(raw.to(self.device, non_blocking=True).float())
+        if with_half:
+            return x, self.codec.normalize(raw_half.to(self.device, non_blocking=True).float())
+        return x
 
     def first(self, domain: str, count: int, heldout: bool = False) -> torch.Tensor:
         """The first ``count`` images (unflipped) in sha256 order: fixed rows for previews and metrics."""

@@ -8,8 +8,8 @@ method doing one thing:
 
     setup      load the parent, grow it if the stage doubles the resolution, freeze, load the cache,
                resume from the newest good backup of the same config (or save the ``start`` backup)
-    step       the schedule's fade / LR, per domain a batch (flip), warp the *input* only, autocast
-               forward, losses (+ GAN), backward, unscale / clip, one optimizer step that a non-finite
+    step       the schedule's fade / LR, per domain a batch (flip), one affine for input and target and
+               the smooth warp on the input only (augment.py), autocast forward, losses (+ GAN), backward, unscale / clip, one optimizer step that a non-finite
                loss or gradient skips on the device, LRD around it, EMA after it
     snapshot   preview.png during the stage
     finish     preview.png, metrics.json, history.tsv, model.safetensors + meta.json, events.jsonl
@@ -44,7 +44,8 @@ from stagewise.train.recipe import INIT, StageConfig, TrainConfig, stage_error
 from stagewise.train.runner import Cadence, Runner
 from stagewise.train.schedule import Schedule, schedule
 from stagewise.train.state import TrainState
-from stagewise.train.warp import random_flip, random_warp
+from stagewise.train.augment import augment
+from stagewise.train.warp import random_flip
 
 log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,6 +63,7 @@ class StageJob:
     out_dir: Path  # runs/<stage>
     backups_dir: Path  # runs/<stage>/backups (DVC persist: survives reruns)
     progress: bool = True
+    parent_cache_dir: Path | None = None  # data/cache/<resolution_px / 2>: a growth stage's fade-in reads real half-size latents there
 
     @property
     def cfg(self) -> StageConfig:
@@ -79,7 +81,7 @@ class StageTrainer(Runner):
         self.model, parent_meta = self._load_parent()
         self.grew = self.model.resolution_px == 2 * parent_meta["architecture"]["resolution_px"]
         self.trainable = self._freeze()
-        self.data = StageData(job.cache_dir, self.codec, cfg.resolution_px, cfg.holdout_per_domain, cfg.flip, cfg.seed, self.device)
+        self.data = StageData(job.cache_dir, self.codec, cfg.resolution_px, cfg.holdout_per_domain, cfg.flip, cfg.seed, self.device, half_dir=self._half_cache())
         expected = (self.model.channels, self.model.latent_px, self.model.latent_px)
         if self.data.latent_shape != expected:
             raise StageError(f"{job.cache_dir}: latents are {self.data.latent_shape}, the model at {cfg.resolution_px} px expects {expected}")
@@ -116,6 +118,15 @@ class StageTrainer(Runner):
         elif cfg.resolution_px != parent_px:
             raise stage_error(self.name, "resolution_px", f"{cfg.resolution_px} is neither the parent's ({cfg.parent}: {parent_px} px) nor twice it")
         return model, meta
+
+    def _half_cache(self) -> Path | None:
+        """The half-size cache a fade-in reads (None: no fade-in, or pixels, where pooling is the downsized image)."""
+        if not (self.grew and self.cfg.fade_in_kimg > 0):
+            return None
+        half = self.job.parent_cache_dir
+        if half is None and not self.codec.mirror_is_exact:
+            raise stage_error(self.name, "fade_in_kimg", f"the fade-in on {self.codec.name} blends the parent's path on the real latents of the half-size images, but no cache at {self.cfg.resolution_px // 2} px was given; set fade_in_kimg: 0 or add that resolution to cache.resolutions")
+        return half
 
     def _freeze(self) -> Trainable:
         try:
@@ -180,20 +191,26 @@ class StageTrainer(Runner):
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
             position = (st.step * accum + micro) * batch
-            target = torch.cat([self.data.batch(d, position, batch) for d in DOMAINS])
+            fading = model.fade < 1.0 and self.data.has_half  # blend the parent's path on real half-size latents
+            batches = [self.data.batch(d, position, batch, with_half=fading) for d in DOMAINS]
+            sample, half = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])) if fading else (torch.cat(batches), None)
             if self.flip_on_the_fly:
-                target = random_flip(target, self.gen)
+                sample = random_flip(sample, self.gen)
             if poison:
-                target = target * float("nan")
-            source = random_warp(target, self.gen, cfg.warp) if cfg.random_warp else target  # the input only
+                sample = sample * float("nan")
+            aug = augment(sample, self.gen, cfg.warp, cfg.random_warp, half)  # DFL: one affine for both, the field on the input
             # under DDP: this rank's rows of the global batch, drawn and augmented as one process would
-            target, source = self.dist.split(target, len(DOMAINS)), self.dist.split(source, len(DOMAINS))
+            source, target, source_half, target_half = (None if x is None else self.dist.split(x, len(DOMAINS)) for x in (aug.source, aug.target, aug.source_half, aug.target_half))
             with self.autocast():
-                features = encode(source)
-                pred = torch.cat([decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)])
+                features = encode(source, source_half) if fading else encode(source)
+                decoded = [decode(h, d, with_parent=True) if fading else decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)]
+                pred = torch.cat([y[0] for y in decoded]) if fading else torch.cat(decoded)
             loss = torch.zeros((), device=self.device)
-            for d, p, t in zip(DOMAINS, pred.chunk(2), target.chunk(2)):
+            for i, (d, p, t) in enumerate(zip(DOMAINS, pred.chunk(2), target.chunk(2))):
                 rec, rec_parts = reconstruction_loss(p, t, cfg.loss)
+                if fading:  # ProGAN's blend, as a blend of the two paths' losses against real latents of their size
+                    rec_half, _ = reconstruction_loss(decoded[i][1], target_half.chunk(2)[i], cfg.loss)
+                    rec = model.fade * rec + (1.0 - model.fade) * rec_half
                 loss = loss + rec
                 self._add(parts, {f"loss_{d}": rec.detach(), **{f"{d}_{k}": v for k, v in rec_parts.items()}}, accum)
             if st.disc is not None:

@@ -83,7 +83,7 @@ class StageConfig(Section):
     log_every_kimg: float = Field(0.25, gt=0)  # status line + history.tsv row; the only per-step host syncs
     preview_every_kimg: float | None = Field(None, gt=0)  # also write preview.png during the stage (None: at the end only)
     preview_rows: int = Field(2, ge=1, le=8)  # images per domain in preview.png
-    holdout_per_domain: int = Field(2, ge=0)  # images per domain never trained on; metrics.json measures them
+    holdout_per_domain: int = Field(4, ge=0)  # images per domain never trained on; metrics.json measures them (4: one image is noise)
     seed: int = 0  # data order, warp, flip and LRD masks are pure functions of (seed, step)
     guard: GuardConfig = GuardConfig()
 

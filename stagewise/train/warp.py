@@ -7,13 +7,9 @@ Public interface::
     warp_grid(n, h, w, generator, cfg, device) -> Tensor        # the sampling grid (N, H, W, 2)
     random_flip(x, generator, p=0.5) -> Tensor                  # mirror a random subset of images
 
-Semantics (DFL ``gen_warp_params`` / ``warp_by_params``): the *input* of the autoencoder is warped by
-a smooth random field plus a small affine jitter; the *target* is the un-warped sample, so the model
-learns to undo the warp and cannot copy pixels through. The loop therefore does::
-
-    sample = random_flip(sample, g)      # flip input and target together
-    pred = model(random_warp(sample, g, cfg))
-    loss = reconstruction_loss(pred, sample, ...)   # target NOT warped
+``random_warp`` warps its input by a smooth random field plus an affine jitter. The training loop uses
+``augment.augment`` instead, DFL's semantics: the affine part is shared by input and target, the field
+is the input's alone (``gen_warp_params`` / ``warp_by_params``).
 
 The smooth field: a coarse grid of ``cells + 1`` x ``cells + 1`` control points per image (``cells``
 drawn per image from ``grid_cells``, as DFL draws its cell size from w/2, w/4, w/8), interior points
@@ -48,6 +44,9 @@ class WarpConfig(Section):
     strength: float = Field(0.24, ge=0)  # DFL: control-point offsets ~ N(0, (0.24 * cell size)^2)
     # DFL warps with cv2.BORDER_REPLICATE: stretched edges, no black corners for the model to learn.
     padding: Literal["border", "reflection", "zeros"] = "border"
+    # DFL applies the rotation / scale / translation to input and target alike (augment.py), with or
+    # without random_warp; false: no affine at all (the smooth field alone, on the input).
+    affine: bool = True
 
 
 # Resolution at which the warp grid is built (see warp_grid): the finest warp cell is 1/8 of the image,
