@@ -60,8 +60,9 @@ class AlignConfig(Section):
     workers: int = Field(2, ge=1, description="threads, each with its own detector and mesh graph")
 
 
-def align_fingerprint(cfg: AlignConfig) -> str:
-    settings = cfg.model_dump(exclude={"enabled", "workers"})
+def align_fingerprint(cfg: AlignConfig, per_frame: bool = False) -> str:
+    """The memo key of a source's faces; ``per_frame`` (the swap stage's key): without the video sampling."""
+    settings = cfg.model_dump(exclude={"enabled", "workers", *(["every_nth_frame"] if per_frame else [])})
     return fingerprint("align", ALIGN_VERSION, masks.MASK_VERSION, DETECTOR_VERSION, settings)
 
 
@@ -83,8 +84,9 @@ def outside_share(mat: np.ndarray, width: int, height: int, size_px: int) -> flo
     return float(1.0 - inside.mean())
 
 
-def faces_in_frame(rgb: np.ndarray, cfg: AlignConfig, faces_dir: Path) -> list[dict[str, Any]]:
-    """One dict per face found (kept: crop and mask written) or one for the frame when none is usable."""
+def find_faces(rgb: np.ndarray, cfg: AlignConfig) -> list[dict[str, Any]]:
+    """One dict per face found (kept ones with landmarks and the ``crop_px`` transform), or one for the frame
+    when there is none or too many; nothing is written. The swap stage memoises exactly this per frame."""
     found = finder()
     dets = found.detect(rgb)
     if not dets:
@@ -117,13 +119,24 @@ def faces_in_frame(rgb: np.ndarray, cfg: AlignConfig, faces_dir: Path) -> list[d
         elif cut > cfg.max_outside:
             out.append({**row, "reason": f"face cut off: {cut:.0%} of the {cfg.face_type} crop outside the image > max_outside {cfg.max_outside:g}"})
         else:
-            crop = png_bytes(align.warp(rgb, mat, cfg.crop_px))
-            sha = hashlib.sha256(crop).hexdigest()
-            mask = png_bytes(masks.mask_image(align.apply(mat, landmarks), cfg.crop_px))
-            for path, data in ((crop_path(faces_dir, sha), crop), (mask_path(faces_dir, sha), mask)):
-                if not path.exists():
-                    write_bytes(path, data)
-            out.append({**row, "transform": mat.ravel().tolist(), "crop_sha256": sha, "status": "kept", "reason": ""})
+            out.append({**row, "transform": mat.ravel().tolist(), "status": "kept", "reason": ""})
+    return out
+
+
+def faces_in_frame(rgb: np.ndarray, cfg: AlignConfig, faces_dir: Path) -> list[dict[str, Any]]:
+    """``find_faces``, with each kept face's crop and mask written to ``faces_dir`` (named by the crop's sha256)."""
+    out = find_faces(rgb, cfg)
+    for face in out:
+        if face["status"] != "kept":
+            continue
+        mat = np.array(face["transform"]).reshape(2, 3)
+        landmarks = np.array(face["landmarks"]).reshape(-1, 2)
+        crop = png_bytes(align.warp(rgb, mat, cfg.crop_px))
+        sha = face["crop_sha256"] = hashlib.sha256(crop).hexdigest()
+        mask = png_bytes(masks.mask_image(align.apply(mat, landmarks), cfg.crop_px))
+        for path, data in ((crop_path(faces_dir, sha), crop), (mask_path(faces_dir, sha), mask)):
+            if not path.exists():
+                write_bytes(path, data)
     return out
 
 
@@ -170,6 +183,8 @@ def _crops_present(faces_dir: Path, stored: dict[str, Any]) -> bool:
 def extract(manifest: pd.DataFrame, cfg: AlignConfig, faces_dir: Path, store_dir: Path) -> tuple[pd.DataFrame, int]:
     """The faces manifest (module docstring) and how many sources were processed now (not memoised)."""
     kept = manifest[manifest["status"] == "kept"]
+    for sub in ("crops", "masks"):  # a DVC output: present even when empty
+        (faces_dir / sub).mkdir(parents=True, exist_ok=True)
     if not cfg.enabled:
         videos = kept.apply(is_video, axis=1) if len(kept) else pd.Series([], dtype=bool)
         out = kept.copy()

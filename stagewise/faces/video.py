@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -112,13 +112,22 @@ def read_frames(source: bytes | str | Path, every_nth: int = 1) -> Iterator[Fram
         container.close()
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: float, audio_from: Path | None = None) -> None:
-    """Encode RGB frames (H.264 in yuv420p, even sizes) to ``path``; copy ``audio_from``'s audio stream."""
+def write_video(path: Path, frames: Iterable[np.ndarray], fps: float, audio_from: Path | None = None) -> int:
+    """Encode RGB frames (H.264 in yuv420p, even sizes; streamed, not held) to ``path`` atomically; copy
+    ``audio_from``'s audio stream. Returns the number of frames written."""
+    import itertools
+
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial{path.suffix}")
-    h, w = frames[0].shape[:2]
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise VideoError(f"{path}: no frames to write")
+    frames = itertools.chain([first], frames)
+    written = 0
+    h, w = first.shape[:2]
     rate = Fraction(fps).limit_denominator(1001)
     source = None
     try:
@@ -138,6 +147,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float, audio_from: Pa
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: stream.height, : stream.width]), format="rgb24")
                 for packet in stream.encode(frame):
                     out.mux(packet)
+                written += 1
             for packet in stream.encode():
                 out.mux(packet)
             if audio_out is not None:
@@ -150,6 +160,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float, audio_from: Pa
                 except Exception as exc:  # damaged audio: the video stands
                     log.warning("%s: audio copy stopped: %s", audio_from, exc)
         tmp.replace(path)
+        return written
     finally:
         if source is not None:
             source.close()

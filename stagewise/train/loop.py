@@ -41,7 +41,7 @@ from stagewise.train.data import StageData, mix_seed
 from stagewise.train.freeze import FreezeError, Trainable, resolve
 from stagewise.train.gan import d_loss, frozen, g_loss
 from stagewise.train.guard import NanGuard, skip_if_not_finite
-from stagewise.train.losses import reconstruction_loss
+from stagewise.train.masked import flip_with_masks, masked_reconstruction
 from stagewise.train.metrics import evaluate
 from stagewise.train.preview import write_preview
 from stagewise.train.recipe import INIT, StageConfig, TrainConfig, stage_error
@@ -196,8 +196,9 @@ class StageTrainer:
         for micro in range(accum):
             position = (st.step * accum + micro) * batch
             target = torch.cat([self.data.batch(d, position, batch) for d in DOMAINS])
+            masks = torch.cat([self.data.mask_batch(d, position, batch) for d in DOMAINS]) if cfg.masked_training or cfg.eyes_mouth_prio else None
             if self.flip_on_the_fly:
-                target = random_flip(target, self.gen)
+                target, masks = flip_with_masks(random_flip, target, masks, self.gen)
             if poison:
                 target = target * float("nan")
             source = random_warp(target, self.gen, cfg.warp) if cfg.random_warp else target  # the input only
@@ -205,8 +206,9 @@ class StageTrainer:
                 features = encode(source)
                 pred = torch.cat([decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)])
             loss = torch.zeros((), device=self.device)
-            for d, p, t in zip(DOMAINS, pred.chunk(2), target.chunk(2)):
-                rec, rec_parts = reconstruction_loss(p, t, cfg.loss)
+            for i, (d, p, t) in enumerate(zip(DOMAINS, pred.chunk(2), target.chunk(2))):
+                m = None if masks is None else masks.chunk(2)[i]
+                rec, rec_parts = masked_reconstruction(p, t, m, cfg.loss, cfg.masked_training, cfg.eyes_mouth_prio)
                 loss = loss + rec
                 self._add(parts, {f"loss_{d}": rec.detach(), **{f"{d}_{k}": v for k, v in rec_parts.items()}}, accum)
             if st.disc is not None:
