@@ -212,3 +212,42 @@ def test_video_reading_survives_truncation_and_keeps_every_readable_frame(tmp_pa
     assert len(whole) == 24 and 0 < len(frames) < 24
     for got, want in zip(frames, whole):
         assert got.index == want.index and np.array_equal(got.rgb, want.rgb)
+
+
+def test_the_trainer_uses_the_cache_masks_and_refuses_a_cache_without_them(tmp_path):
+    import dataclasses
+    import hashlib
+
+    import torch.nn.functional as F
+
+    from stagewise.cli import StageError
+    from stagewise.latents import ShardWriter, to_bytes
+    from stagewise.train.loop import run_stage
+    from test_trainer import TINY_DEFAULTS, job, stage, train_cfg, write_init
+
+    px = 16
+    for with_masks in (True, False):
+        writer = ShardWriter(tmp_path / f"cache{int(with_masks)}" / str(px))
+        gen = torch.Generator().manual_seed(0)
+        face = np.zeros((2, px, px), np.uint8)
+        face[0, 3:13, 4:12] = 255  # the face
+        face[1, 5:7, 5:11] = 255  # the eyes
+        for domain in "ab":
+            for i in range(4):
+                image = F.interpolate(torch.rand(1, 3, 4, 4, generator=gen), size=(px, px), mode="bilinear")[0]
+                sha = hashlib.sha256(f"{domain}{i}".encode()).hexdigest()
+                for flipped in (False, True):
+                    x = image.flip(-1) if flipped else image
+                    mask = np.ascontiguousarray(face[:, :, ::-1] if flipped else face).tobytes() if with_masks else None
+                    writer.add(sha256=sha, domain=domain, resolution=px, codec_id="pixels", shape=list(x.shape), latent=to_bytes(x),
+                               flipped=flipped, caption="", fingerprint="test", mask=mask)
+        writer.flush()
+    write_init(tmp_path / "runs" / "init")
+    train = train_cfg({"m": stage(kimg=0.016, masked_training=True, eyes_mouth_prio=True)}, **TINY_DEFAULTS)
+    masked = dataclasses.replace(job(tmp_path, "m", train), cache_dir=tmp_path / "cache1" / str(px))
+    metrics = run_stage(masked)
+    history = (tmp_path / "runs/m/history.tsv").read_text().splitlines()
+    assert "a_eyes_mouth" in history[0].split("\t") and metrics["kimg"] > 0
+    bare = dataclasses.replace(masked, cache_dir=tmp_path / "cache0" / str(px), out_dir=tmp_path / "runs/m2", backups_dir=tmp_path / "runs/m2/backups")
+    with pytest.raises(StageError, match="without face masks; masked_training"):
+        run_stage(bare)
