@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from stagewise.codecs import Codec
 from stagewise.config import Section, fingerprint
+from stagewise.faces.masks import MASK_VERSION
 from PIL import Image
 
 from stagewise.images import ImageError, center_square, decode, read_file
@@ -49,7 +50,7 @@ RESIZE_POLICY = "center-square/lanczos/uint8"  # what center_square does; part o
 # swapped since cannot reach the decoder; this bound only keeps Pillow's own guard out of the way.
 MAX_PIXELS = 2**31
 DATASET_COLUMNS = ["path", "domain", "sha256", "caption"]
-MASK_POLICY = "faces-mask/center-square/box/uint8x2"  # what latent_masks does; part of the fingerprint with masks
+MASK_POLICY = f"faces-mask-v{MASK_VERSION}/center-square/box/uint8x2"  # what latent_masks does; part of the fingerprint with masks
 METADATA = ["domain", "caption"]  # row columns that may change without re-encoding
 
 

@@ -134,9 +134,9 @@ def faces_in_frame(rgb: np.ndarray, cfg: AlignConfig, faces_dir: Path) -> list[d
         crop = png_bytes(align.warp(rgb, mat, cfg.crop_px))
         sha = face["crop_sha256"] = hashlib.sha256(crop).hexdigest()
         mask = png_bytes(masks.mask_image(align.apply(mat, landmarks), cfg.crop_px))
-        for path, data in ((crop_path(faces_dir, sha), crop), (mask_path(faces_dir, sha), mask)):
-            if not path.exists():
-                write_bytes(path, data)
+        if not crop_path(faces_dir, sha).exists():  # named by its content: present means identical
+            write_bytes(crop_path(faces_dir, sha), crop)
+        write_bytes(mask_path(faces_dir, sha), mask)  # a changed mask code (MASK_VERSION) rewrites it
     return out
 
 
