@@ -2,7 +2,7 @@
 
 Per frame: detect and align (``extract.find_faces``, memoised per frame content and align settings), crop
 each face at the model's resolution, encode with the codec, run the autoencoder with the other domain's
-decoder (memoised per crop content, model weights and direction), decode, then blend (always recomputed,
+decoder (memoised per crop content, model weights and direction: one PNG per crop), decode, then blend (always recomputed,
 cheap): colour transfer against the original face, the hull mask eroded and feathered, warped back with
 the inverse transform. Changing only the blend params therefore runs neither the detector nor the model.
 
@@ -13,7 +13,6 @@ frames are counted and listed. A video input gives a video at the same frame rat
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -58,7 +57,7 @@ class SwapConfig(Section):
     device: str = "auto"
 
 
-class Ref(NamedTuple):  # a memo_map row: a frame or a crop held in memory, by content hash
+class Ref(NamedTuple):  # a memo_map row: a frame held in memory, by content hash
     path: str
     sha256: str
 
@@ -119,7 +118,9 @@ class Swapper:
         self.res = model.resolution_px
         self.source, self.target = ("a", "b") if cfg.direction == "a_to_b" else ("b", "a")
         self.detect_store = ResultStore(store / "detect", align_fingerprint(align_cfg, per_frame=True))
-        self.model_store = ResultStore(store / "model", fingerprint("swap", SWAP_VERSION, model_sha, codec.id, cfg.direction, self.res))
+        # one PNG per swapped crop, in a folder per (model weights, codec, direction): a long video's faces
+        # are looked up one file at a time instead of loading a Parquet memo of every crop for every chunk
+        self.model_dir = store / "model" / fingerprint("swap", SWAP_VERSION, model_sha, codec.id, cfg.direction, self.res)
 
     def _detect(self, chunk: dict[str, np.ndarray]) -> tuple[dict[str, list[dict]], int]:
         refs = [Ref(sha, sha) for sha in chunk]
@@ -127,18 +128,29 @@ class Swapper:
         return {sha: json.loads(v["faces"]) for sha, v in result.values.items()}, result.computed
 
     @torch.no_grad()
-    def _run_model(self, refs: list[Ref], crops: list[np.ndarray]) -> list[dict[str, Any]]:
+    def _run_model(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         rgb = torch.from_numpy(np.stack(crops)).to(self.device).permute(0, 3, 1, 2).float().div(255)
         latent = self.codec.normalize(self.codec.encode(rgb))
         out = self.model.decode(self.model.encode(latent), self.target)
         pixels = self.codec.decode(self.codec.denormalize(out.float())).clamp(0, 1)
-        images = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        return [{"png": png_bytes(img)} for img in images]
+        return list((pixels.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
 
     def _swap_faces(self, crops: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        refs = [Ref(sha, sha) for sha in crops]
-        result = memo_map(refs, self.model_store, lambda r: crops[r.sha256], self._run_model, batch_size=self.cfg.batch_size, workers=1, desc="swap model")
-        return {sha: np.asarray(Image.open(io.BytesIO(v["png"])).convert("RGB")) for sha, v in result.values.items()}, result.computed
+        """The swapped crop of every crop (by content hash): memoised PNGs, the rest through the model in batches."""
+        out, todo = {}, []
+        for sha in crops:
+            path = self.model_dir / f"{sha}.png"
+            if path.exists():
+                with Image.open(path) as img:
+                    out[sha] = np.asarray(img.convert("RGB"))
+            else:
+                todo.append(sha)
+        for start in range(0, len(todo), self.cfg.batch_size):
+            batch = todo[start : start + self.cfg.batch_size]
+            for sha, img in zip(batch, self._run_model([crops[sha] for sha in batch])):
+                write_bytes(self.model_dir / f"{sha}.png", png_bytes(img))
+                out[sha] = img
+        return out, len(todo)
 
     def blend(self, frame: np.ndarray, faces: list[dict], crops: list[tuple[str, np.ndarray, np.ndarray]], swapped: dict[str, np.ndarray]) -> np.ndarray:
         out = frame

@@ -41,6 +41,7 @@ from stagewise.train.data import StageData, mix_seed
 from stagewise.train.freeze import FreezeError, Trainable, resolve
 from stagewise.train.gan import d_loss, frozen, g_loss
 from stagewise.train.guard import NanGuard, skip_if_not_finite
+from stagewise.train.losses import reconstruction_loss
 from stagewise.train.masked import flip_with_masks, masked_reconstruction
 from stagewise.train.metrics import evaluate
 from stagewise.train.preview import write_preview
@@ -207,8 +208,10 @@ class StageTrainer:
                 pred = torch.cat([decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)])
             loss = torch.zeros((), device=self.device)
             for i, (d, p, t) in enumerate(zip(DOMAINS, pred.chunk(2), target.chunk(2))):
-                m = None if masks is None else masks.chunk(2)[i]
-                rec, rec_parts = masked_reconstruction(p, t, m, cfg.loss, cfg.masked_training, cfg.eyes_mouth_prio)
+                if masks is None:
+                    rec, rec_parts = reconstruction_loss(p, t, cfg.loss)
+                else:  # faces: DFL's masked training / eyes and mouth priority
+                    rec, rec_parts = masked_reconstruction(p, t, masks.chunk(2)[i], cfg.loss, cfg.masked_training, cfg.eyes_mouth_prio)
                 loss = loss + rec
                 self._add(parts, {f"loss_{d}": rec.detach(), **{f"{d}_{k}": v for k, v in rec_parts.items()}}, accum)
             if st.disc is not None:
