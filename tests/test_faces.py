@@ -4,7 +4,6 @@ TAEF2 when its weights are here. Every input is generated in the test from photo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib.cbook
