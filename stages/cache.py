@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise cli.StageError(f"--resolution {args.resolution}: {exc}") from None
     log.info("caching %d images at %d px with %s on %s into %s", len(dataset), args.resolution, codec.id, device, args.out)
-    result = update_cache(dataset, Path(args.out), args.resolution, codec, cfg, device)
+    result = update_cache(dataset, Path(args.out), args.resolution, codec, cfg, device, masks_dir=args.masks and Path(args.masks))
     log.info("%s", result.summary())
     if args.stats:  # what this run did, in rows: `dvc metrics show` lists it per resolution
         write_json(args.stats, {
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, required=True, help="image size in pixels (square centre crop), one of cache.resolutions")
     parser.add_argument("--dataset", required=True, help="the curated dataset Parquet (path, domain, sha256, caption, ...)")
     parser.add_argument("--out", required=True, help="cache folder for this resolution; updated in place (a DVC persist output)")
+    parser.add_argument("--masks", default=None, metavar="FOLDER", help="the align stage's face masks (<sha256>.png); each row also stores its masks at latent size")
     parser.add_argument("--stats", default=None, metavar="JSON", help="also write what this run did (rows encoded, reused, pruned, relabelled)")
     return parser
 

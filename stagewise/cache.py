@@ -34,6 +34,9 @@ from tqdm import tqdm
 
 from stagewise.codecs import Codec
 from stagewise.config import Section, fingerprint
+from stagewise.faces.masks import MASK_VERSION
+from PIL import Image
+
 from stagewise.images import ImageError, center_square, decode, read_file
 from stagewise.io import remove_partial_writes
 from stagewise.latents import SHARD_GLOB, ShardWriter, needs_relayout, read_index, shard_number, to_bytes, write_shard
@@ -47,6 +50,7 @@ RESIZE_POLICY = "center-square/lanczos/uint8"  # what center_square does; part o
 # swapped since cannot reach the decoder; this bound only keeps Pillow's own guard out of the way.
 MAX_PIXELS = 2**31
 DATASET_COLUMNS = ["path", "domain", "sha256", "caption"]
+MASK_POLICY = f"faces-mask-v{MASK_VERSION}/center-square/box/uint8x2"  # what latent_masks does; part of the fingerprint with masks
 METADATA = ["domain", "caption"]  # row columns that may change without re-encoding
 
 
@@ -93,8 +97,9 @@ class CacheResult:
         return text + (f"; {len(self.failed)} image(s) failed" if self.failed else "")
 
 
-def cache_fingerprint(codec: Codec, resolution: int) -> str:
-    return fingerprint("cache", CACHE_VERSION, codec.id, resolution, RESIZE_POLICY)
+def cache_fingerprint(codec: Codec, resolution: int, masked: bool = False) -> str:
+    # with face masks the rows also hold a mask: rows made without one are encoded again (once)
+    return fingerprint("cache", CACHE_VERSION, codec.id, resolution, RESIZE_POLICY, *([MASK_POLICY] if masked else []))
 
 
 def read_dataset(path: Path | str) -> pd.DataFrame:
@@ -187,6 +192,23 @@ def load_unit(unit: Unit, resolution: int) -> list[np.ndarray] | str:
     return [np.ascontiguousarray(pixels[:, ::-1]) if flipped else pixels for flipped in unit.flips]
 
 
+def latent_masks(unit: Unit, masks_dir: Path, resolution: int, latent_px: int) -> list[bytes | None]:
+    """The unit's face and eyes/mouth masks (the align stage's ``<sha>.png``: red, green) at latent size, as
+    uint8 (2, h, w) bytes per flip, cropped like the image (an area average: a soft edge at latent size);
+    None per flip when the crop has no mask (whole images)."""
+    path = masks_dir / f"{unit.sha256}.png"
+    if not path.exists():
+        return [None for _ in unit.flips]
+    with Image.open(path) as img:
+        img = center_square(img.convert("RGB"), resolution)
+    small = np.asarray(img.resize((latent_px, latent_px), Image.BOX))[..., :2]
+    out = []
+    for flipped in unit.flips:
+        chw = np.ascontiguousarray((small[:, ::-1] if flipped else small).transpose(2, 0, 1))
+        out.append(chw.tobytes())
+    return out
+
+
 def make_units(todo: pd.DataFrame) -> list[Unit]:
     units = []
     for sha, group in todo.groupby("sha256", sort=False):
@@ -226,15 +248,18 @@ def update_cache(
     codec: Codec,
     cfg: CacheConfig,
     device: torch.device | str = "cpu",
+    masks_dir: Path | None = None,
 ) -> CacheResult:
-    """Bring ``root`` in line with ``dataset`` at ``resolution``; see the module docstring."""
+    """Bring ``root`` in line with ``dataset`` at ``resolution``; see the module docstring. With ``masks_dir``
+    (the align stage's masks, by crop sha256) holding masks, every row also stores its masks at latent size."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     codec.latent_px(resolution)  # fails early, naming the codec factor, for a size it cannot encode
     if removed := remove_partial_writes(root, "shard-*.parquet"):
         log.info("removed %d temp file(s) of an interrupted run", removed)
-    current_fp = cache_fingerprint(codec, resolution)
+    masked = masks_dir is not None and Path(masks_dir).is_dir() and any(Path(masks_dir).glob("*.png"))
+    current_fp = cache_fingerprint(codec, resolution, masked)
     wanted = wanted_rows(dataset, cfg.flip)
     index = read_index(root)
     plan = plan_update(index, wanted, current_fp)
@@ -267,7 +292,7 @@ def update_cache(
         result.rewritten_shards.append(name)
 
     if len(plan.todo):
-        _encode_missing(plan.todo, root, resolution, codec, cfg, device, current_fp, writer, result)
+        _encode_missing(plan.todo, root, resolution, codec, cfg, device, current_fp, writer, result, Path(masks_dir) if masked else None)
     result.new_shards = [p.name for p in writer.written if p.name != reopen]
     return result
 
@@ -282,12 +307,22 @@ def _encode_missing(
     current_fp: str,
     writer: ShardWriter,
     result: CacheResult,
+    masks_dir: Path | None = None,
 ) -> None:
     units = make_units(todo)
+    latent_px = codec.latent_px(resolution)
+    masks_of: dict[str, list[bytes | None]] = {}  # filled by the loading threads
+
+    def load(unit: Unit) -> list[np.ndarray] | str:
+        loaded = load_unit(unit, resolution)
+        if masks_dir is not None and not isinstance(loaded, str):
+            masks_of[unit.sha256] = latent_masks(unit, masks_dir, resolution, latent_px)
+        return loaded
+
     progress = tqdm(total=len(todo), desc=f"cache@{resolution}", unit="row", mininterval=1.0)
     batches = batched_units(units, cfg.batch_size)
     with progress:
-        for batch, loaded in prefetched(batches, lambda u: load_unit(u, resolution), cfg.workers):
+        for batch, loaded in prefetched(batches, load, cfg.workers):
             ok = [(u, arrays) for u, arrays in zip(batch, loaded) if not isinstance(arrays, str)]
             for unit, reason in zip(batch, loaded):
                 if isinstance(reason, str):
@@ -299,7 +334,8 @@ def _encode_missing(
                 continue
             latents = iter(encode_batch(codec, arrays, device, cfg.batch_size))
             for unit, group in ok:
-                for flipped in unit.flips:
+                unit_masks = masks_of.pop(unit.sha256, [None] * len(unit.flips))
+                for flipped, mask in zip(unit.flips, unit_masks):
                     latent = next(latents)
                     writer.add(
                         sha256=unit.sha256,
@@ -311,6 +347,7 @@ def _encode_missing(
                         flipped=flipped,
                         caption=unit.caption,
                         fingerprint=current_fp,
+                        mask=mask,
                     )
                 result.images_encoded += 1
                 result.encoded += len(unit.flips)

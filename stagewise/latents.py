@@ -40,6 +40,8 @@ SCHEMA = pa.schema(
         ("flipped", pa.bool_()),
         ("caption", pa.string()),
         ("fingerprint", pa.string()),
+        # Faces: the crop's masks at latent size, uint8 (2, H, W): face hull, eyes + mouth; null without align
+        ("mask", pa.binary()),
     ]
 )
 SHARD_GLOB = "shard-*.parquet"
@@ -49,6 +51,8 @@ SHARD_GLOB = "shard-*.parquet"
 # add footer bytes (about 140 bytes per column and group) for no faster reads.
 ROW_GROUP_BYTES = 1 << 20
 LATENT = "latent"
+MASK = "mask"
+INDEX_COLUMNS = [n for n in SCHEMA.names if n not in (LATENT, MASK)]  # what an index holds: no per-pixel bytes
 
 
 def to_bytes(latent: torch.Tensor) -> bytes:
@@ -75,7 +79,7 @@ def write_shard(path: Path | str, rows: list[dict], row_group_bytes: int = ROW_G
     """Write ``rows`` (SCHEMA dicts) atomically as one shard in the streaming layout (module docstring)."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     row_bytes = max(1, max((len(r[LATENT]) for r in rows), default=1))
-    others = [n for n in SCHEMA.names if n != LATENT]
+    others = [n for n in SCHEMA.names if n not in (LATENT, MASK)]
     with atomic_path(path) as tmp:
         pq.write_table(
             table,
@@ -143,10 +147,10 @@ def read_index(root: Path | str) -> pd.DataFrame:
     """Every row of every shard without the latent bytes, plus the shard it lives in."""
     frames = []
     for shard in sorted(Path(root).glob(SHARD_GLOB)):
-        table = pq.read_table(shard, columns=[n for n in SCHEMA.names if n != "latent"])
+        table = pq.read_table(shard, columns=INDEX_COLUMNS)
         frames.append(table.to_pandas().assign(shard=shard.name))
     if not frames:
-        return pd.DataFrame(columns=[n for n in SCHEMA.names if n != "latent"] + ["shard"])
+        return pd.DataFrame(columns=INDEX_COLUMNS + ["shard"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -179,7 +183,7 @@ class ShardReader:
         for shard_id, shard in enumerate(self.shards):  # one open per shard: its footer and its small columns
             with pq.ParquetFile(shard) as pf:
                 self._meta.append(pf.metadata)
-                frame = pf.read(columns=[n for n in SCHEMA.names if n != LATENT]).to_pandas()
+                frame = pf.read(columns=INDEX_COLUMNS).to_pandas()
             frames.append(frame.assign(shard_id=shard_id, position=np.arange(len(frame))))
         self._group_starts = [np.cumsum([0] + [m.row_group(g).num_rows for g in range(m.num_row_groups)]) for m in self._meta]
         self.index = pd.concat(frames, ignore_index=True)

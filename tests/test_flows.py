@@ -263,7 +263,7 @@ def test_curate_flow_runs_the_curation_stages_only(trained):
     state = curate(project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
     dag = read_dag(project)
-    curation = [s.name for s in dag if s.group not in ("init", "train", "diffuse_init", "diffuse", "report")]
+    curation = [s.name for s in dag if s.group not in ("init", "train", "diffuse_init", "diffuse", "swap", "report")]
     assert [r.name for r in task_runs(state)] == curation  # in DAG order; no init, train@*, diffuse*, report
     assert {r["outcome"] for r in state.result()} == {"up to date"}
 
@@ -273,8 +273,8 @@ def test_changed_param_reruns_only_downstream_stages(trained):
     state = progressive_train(project_dir=str(project), set_params=["train.stages.lrd.lr=0.001"], return_state=True)
     assert state.is_completed(), state.message
     outcomes = {r["stage"]: r["outcome"] for r in state.result()}
-    assert {s for s, o in outcomes.items() if o == "ran"} == {"train@lrd", "train@gan", "report"}
-    assert {s for s, o in outcomes.items() if o != "ran"} == {s.name for s in read_dag(project)} - {"train@lrd", "train@gan", "report"}
+    assert {s for s, o in outcomes.items() if o == "ran"} == {"train@lrd", "train@gan", "swap", "report"}
+    assert {s for s, o in outcomes.items() if o != "ran"} == {s.name for s in read_dag(project)} - {"train@lrd", "train@gan", "swap", "report"}
     assert set(outcomes.values()) == {"ran", "up to date"}
     # The override went into params.yaml and, through the stage that read it, into dvc.lock.
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["stages"]["lrd"]["lr"] == 0.001

@@ -19,8 +19,15 @@ def check_curation(project) -> pd.DataFrame:
     """Every injected defect rejected with a reason; the dataset is exactly the clean crops."""
     defects = json.loads((project / "data/sample/defects.json").read_text())
     manifest = pd.read_parquet(project / "data/curated/manifest.parquet").set_index("path")
-    watermark = pd.read_parquet(project / "data/curated/watermark.parquet").set_index("path")
+    # With align on (the demo's default) the filters see face crops: name each row by its source photo
+    # (the sample's crops hold one face each, so the map is one to one).
+    faces = pd.read_parquet(project / "data/curated/faces.parquet")
+    source_of = dict(zip(faces["path"], faces["source_path"] if "source_path" in faces else faces["path"]))
+    assert (faces.loc[faces["status"] == "kept", "source_path"].value_counts() == 1).all() if "source_path" in faces else True
+    watermark = pd.read_parquet(project / "data/curated/watermark.parquet")
+    watermark = watermark.set_index(watermark["path"].map(source_of))
     dataset = pd.read_parquet(project / "data/curated/dataset.parquet")
+    dataset = dataset.assign(path=dataset["path"].map(source_of))
     for kind, paths in defects.items():
         for rel in paths:
             path = f"data/sample/{rel}"

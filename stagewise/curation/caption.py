@@ -184,8 +184,10 @@ def caption_dataset(
     kept, dropped = select_kept(manifest, filters)
     refs = [ImageRef(r.path, r.domain, r.sha256) for r in kept.itertuples(index=False)]
     captions: dict[str, tuple[str, str]] = {}  # path -> (caption, source)
+    # A face crop (align stage) takes the sidecar of the photo or video it was cut from.
+    sidecar_of = dict(zip(kept["path"], kept["source_path"].fillna(kept["path"]))) if "source_path" in kept else {}
     for ref in refs if not overwrite else ():
-        text = read_sidecar(ref.path)
+        text = read_sidecar(sidecar_of.get(ref.path, ref.path))
         if text is not None:
             captions[ref.path] = (text, "sidecar")
     sidecars = len(captions)

@@ -23,13 +23,16 @@ from pydantic import Field
 from tqdm import tqdm
 
 from stagewise.config import Section, fingerprint
+from stagewise.faces.video import VIDEO_SUFFIXES, VideoError, probe_video
 from stagewise.images import IMAGE_SUFFIXES, ImageError, probe, read_file, read_verified
 from stagewise.store import ResultStore, memo_map
 
 log = logging.getLogger(__name__)
 
-DECODER_VERSION = 1  # bump when decode() changes what it accepts, to invalidate memoised probes
+DECODER_VERSION = 2  # 2: video files are probed (PyAV) instead of skipped. Bump when decode() changes what it accepts, to invalidate memoised probes
 
+# Videos are listed (format "video/<codec>", the frame size as width x height); the align stage reads their frames.
+CANDIDATE_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 MANIFEST_COLUMNS = ["path", "domain", "sha256", "width", "height", "format", "mode", "size_bytes", "mtime_ns", "status", "reason"]
 
 
@@ -48,14 +51,14 @@ class Candidate:
 
 
 def scan(domains: dict[str, Path]) -> Iterator[Candidate]:
-    """Every file with an image suffix under each domain folder, sorted, symlinked folders not followed."""
+    """Every file with an image or video suffix under each domain folder, sorted, symlinked folders not followed."""
     for domain, root in domains.items():
         if not root.is_dir():
             raise FileNotFoundError(f"domain {domain!r}: folder {root} does not exist")
         found = []
         for folder, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
             dirnames.sort()
-            found += [os.path.join(folder, name) for name in filenames if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+            found += [os.path.join(folder, name) for name in filenames if Path(name).suffix.lower() in CANDIDATE_SUFFIXES]
         for path in sorted(found):
             yield Candidate(domain, path)
 
@@ -95,6 +98,12 @@ def _probe(row: Hashed, max_pixels: int) -> dict:
     """What decoding one new content gives: its size, format and mode, or why it does not decode (a
     property of the content, so memoised). A file that cannot be read (again) is unreadable instead."""
     data = read_verified(row.path, row.sha256)
+    if Path(row.path).suffix.lower() in VIDEO_SUFFIXES:
+        try:
+            video = probe_video(data)
+        except VideoError as exc:
+            return {"error": str(exc), "width": -1, "height": -1, "format": "", "mode": ""}
+        return {"error": None, "width": video.width, "height": video.height, "format": f"video/{video.codec}", "mode": "RGB"}
     try:
         info = probe(data, max_pixels)
     except ImageError as exc:

@@ -54,6 +54,19 @@ def mix_seed(*parts: int) -> int:
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
+def _read_masks(reader: ShardReader) -> list[list[bytes | None]]:
+    """Each shard's mask column (None per row for shards written without masks)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for shard in reader.shards:
+        if "mask" in pq.read_schema(shard).names:
+            out.append(pq.read_table(shard, columns=["mask"]).column(0).to_pylist())
+        else:
+            out.append([None] * pq.ParquetFile(shard).metadata.num_rows)
+    return out
+
+
 class StageData:
     def __init__(self, cache_dir: Path, codec: Codec, resolution_px: int, holdout_per_domain: int, use_flipped: bool, seed: int, device: torch.device, half_dir: Path | None = None):
         """``half_dir``: the cache at half the resolution (a growth stage's fade-in): ``batch(..., with_half=True)``
@@ -198,6 +211,22 @@ class StageData:
         if with_half:
             return x, self.codec.normalize(raw_half.to(self.device, non_blocking=True).float())
         return x
+
+    def mask_batch(self, domain: str, position: int, count: int) -> torch.Tensor:
+        """The face masks (count, 2, h, w) in [0, 1] of the rows ``batch`` returns for the same arguments
+        (stagewise.train.masked). Read from the shards on first use and held in host memory: 2 bytes per
+        latent pixel, 1/32 of a TAEF2 latent's bytes. A cache without masks is a StageError."""
+        if getattr(self, "_masks", None) is None:
+            self._masks = _read_masks(self.reader)
+        rows = self.indices(domain, position, count).numpy()
+        shard_ids, positions = self._rows[domain]
+        _, h, w = self._shape
+        picked = [self._masks[s][p] for s, p in zip(shard_ids[rows].tolist(), positions[rows].tolist())]
+        if any(m is None for m in picked):
+            raise StageError(f"{self.reader.root}: latent rows without face masks; masked_training / eyes_mouth_prio need "
+                             "the align stage (params.yaml align.enabled: true), then `dvc repro`")
+        arr = np.frombuffer(b"".join(picked), dtype=np.uint8).reshape(len(picked), 2, h, w)
+        return torch.from_numpy(arr.copy()).to(self.device).float().div_(255)
 
     def first(self, domain: str, count: int, heldout: bool = False) -> torch.Tensor:
         """The first ``count`` images (unflipped) in sha256 order: fixed rows for previews and metrics."""

@@ -38,6 +38,7 @@ from stagewise.train.freeze import FreezeError, Trainable, resolve
 from stagewise.train.gan import d_loss, frozen, g_loss
 from stagewise.train.guard import NanGuard, skip_if_not_finite
 from stagewise.train.losses import reconstruction_loss
+from stagewise.train.masked import flip_with_masks, masked_reconstruction
 from stagewise.train.metrics import evaluate
 from stagewise.train.preview import write_preview
 from stagewise.train.recipe import INIT, StageConfig, TrainConfig, stage_error
@@ -194,20 +195,28 @@ class StageTrainer(Runner):
             fading = model.fade < 1.0 and self.data.has_half  # blend the parent's path on real half-size latents
             batches = [self.data.batch(d, position, batch, with_half=fading) for d in DOMAINS]
             sample, half = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])) if fading else (torch.cat(batches), None)
+            masks = torch.cat([self.data.mask_batch(d, position, batch) for d in DOMAINS]) if cfg.masked_training or cfg.eyes_mouth_prio else None
             if self.flip_on_the_fly:
-                sample = random_flip(sample, self.gen)
+                sample, masks = flip_with_masks(random_flip, sample, masks, self.gen)
             if poison:
                 sample = sample * float("nan")
-            aug = augment(sample, self.gen, cfg.warp, cfg.random_warp, half)  # DFL: one affine for both, the field on the input
+            channels = sample.shape[1]  # the face masks ride along as extra channels: they move with the target's affine
+            stacked = sample if masks is None else torch.cat([sample, masks.to(sample.dtype)], 1)
+            aug = augment(stacked, self.gen, cfg.warp, cfg.random_warp, half)  # DFL: one affine for both, the field on the input
             # under DDP: this rank's rows of the global batch, drawn and augmented as one process would
             source, target, source_half, target_half = (None if x is None else self.dist.split(x, len(DOMAINS)) for x in (aug.source, aug.target, aug.source_half, aug.target_half))
+            if masks is not None:
+                source, target, masks = source[:, :channels], target[:, :channels], target[:, channels:]
             with self.autocast():
                 features = encode(source, source_half) if fading else encode(source)
                 decoded = [decode(h, d, with_parent=True) if fading else decode(h, d) for h, d in zip(features.chunk(2), DOMAINS)]
                 pred = torch.cat([y[0] for y in decoded]) if fading else torch.cat(decoded)
             loss = torch.zeros((), device=self.device)
             for i, (d, p, t) in enumerate(zip(DOMAINS, pred.chunk(2), target.chunk(2))):
-                rec, rec_parts = reconstruction_loss(p, t, cfg.loss)
+                if masks is None:
+                    rec, rec_parts = reconstruction_loss(p, t, cfg.loss)
+                else:  # faces: DFL's masked training / eyes and mouth priority
+                    rec, rec_parts = masked_reconstruction(p, t, masks.chunk(2)[i], cfg.loss, cfg.masked_training, cfg.eyes_mouth_prio)
                 if fading:  # ProGAN's blend, as a blend of the two paths' losses against real latents of their size
                     rec_half, _ = reconstruction_loss(decoded[i][1], target_half.chunk(2)[i], cfg.loss)
                     rec = model.fade * rec + (1.0 - model.fade) * rec_half

@@ -75,6 +75,8 @@ class StageConfig(Section):
     gan_power: float = Field(0.0, ge=0)  # weight of the generator's adversarial term; 0 = no discriminator
     gan: GanConfig = GanConfig()
     loss: LossWeights = LossWeights()
+    masked_training: bool = False  # DFL: the losses see only the face (blurred mask edge); needs align.enabled (masks in the cache)
+    eyes_mouth_prio: bool = False  # DFL: extra L1 on the eyes and mouth (30x our MSE scale, DFL's 300 vs 10); needs align.enabled
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a grad scaler
     ema: EmaSettings = EmaSettings()
     save_every_kimg: float = Field(1.0, gt=0)  # rolling backups; a kill loses at most this much progress
