@@ -286,21 +286,16 @@ def _encode_missing(
     units = make_units(todo)
     progress = tqdm(total=len(todo), desc=f"cache@{resolution}", unit="row", mininterval=1.0)
     batches = batched_units(units, cfg.batch_size)
+    job = _EncodeJob(codec, resolution, cfg.batch_size, cfg.workers, cfg.device)
     with progress:
-        for batch, loaded in prefetched(batches, lambda u: load_unit(u, resolution), cfg.workers):
-            ok = [(u, arrays) for u, arrays in zip(batch, loaded) if not isinstance(arrays, str)]
-            for unit, reason in zip(batch, loaded):
-                if isinstance(reason, str):
-                    result.failed[unit.path] = reason
-                    log.warning("%s: skipped: %s", unit.path, reason)
+        for batch, encoded in _encoded_batches(job, batches, device):
+            for unit, latents in zip(batch, encoded):
+                if isinstance(latents, str):
+                    result.failed[unit.path] = latents
+                    log.warning("%s: skipped: %s", unit.path, latents)
                     progress.update(len(unit.flips))
-            arrays = [a for _, group in ok for a in group]
-            if not arrays:
-                continue
-            latents = iter(encode_batch(codec, arrays, device, cfg.batch_size))
-            for unit, group in ok:
-                for flipped in unit.flips:
-                    latent = next(latents)
+                    continue
+                for flipped, latent in zip(unit.flips, latents):
                     writer.add(
                         sha256=unit.sha256,
                         domain=unit.domain,
@@ -316,3 +311,55 @@ def _encode_missing(
                 result.encoded += len(unit.flips)
                 progress.update(len(unit.flips))
         writer.flush()
+
+
+@dataclass(frozen=True)
+class _EncodeJob:
+    """What encoding needs, here or on a cluster worker (the codec travels to each worker once)."""
+
+    codec: Codec
+    resolution: int
+    batch_size: int
+    workers: int
+    device: str
+
+
+def _encoded_batches(job: _EncodeJob, batches: Iterator[list[Unit]], device: torch.device) -> Iterator[tuple[list[Unit], list]]:
+    """(batch, per unit: its latents, one per flip, or why it failed), in order. On a cluster
+    (``stagewise.cluster.current()``) whole batches go to the workers in shards of about ``shard_images``
+    units: the same batches as a local run, so the same latents; the shards stream back in order and
+    this process writes them, so the shards on disk are the same files."""
+    from stagewise.cluster import current
+
+    cluster = current()
+    if cluster is None:
+        for batch, loaded in prefetched(batches, lambda u: load_unit(u, job.resolution), job.workers):
+            yield batch, _encode_loaded(job, loaded, device)
+        return
+    shards: list[list[list[Unit]]] = [[]]
+    for batch in batches:
+        if sum(map(len, shards[-1])) >= cluster.cfg.shard_images:
+            shards.append([])
+        shards[-1].append(batch)
+    describe = lambda shard: f"{sum(map(len, shard))} images, {shard[0][0].path} .. {shard[-1][-1].path}"  # noqa: E731
+    for shard, encoded in zip(shards, cluster.map_shards(_encode_shard, job, shards, desc=f"cache@{job.resolution}", describe=describe)):
+        yield from zip(shard, encoded)
+
+
+def _encode_loaded(job: _EncodeJob, loaded: list, device: torch.device) -> list:
+    arrays = [a for group in loaded if not isinstance(group, str) for a in group]
+    latents = iter(encode_batch(job.codec, arrays, device, job.batch_size) if arrays else [])
+    return [group if isinstance(group, str) else [next(latents) for _ in group] for group in loaded]
+
+
+def _encode_shard(job: _EncodeJob, shard: list[list[Unit]]) -> list[list]:
+    """On a worker: decode and encode a shard's batches; latents come back as float16 (what is stored)."""
+    from stagewise.device import pick_device
+
+    device = pick_device(job.device)
+    codec = job.codec.to(device)
+    job = _EncodeJob(codec, job.resolution, job.batch_size, job.workers, job.device)
+    out = []
+    for _, loaded in prefetched(iter(shard), lambda u: load_unit(u, job.resolution), job.workers):
+        out.append([x if isinstance(x, str) else [latent.half() for latent in x] for x in _encode_loaded(job, loaded, device)])
+    return out
