@@ -336,13 +336,16 @@ def _encoded_batches(job: _EncodeJob, batches: Iterator[list[Unit]], device: tor
         for batch, loaded in prefetched(batches, lambda u: load_unit(u, job.resolution), job.workers):
             yield batch, _encode_loaded(job, loaded, device)
         return
-    shards: list[list[list[Unit]]] = [[]]
+    from stagewise.cluster import absolute
+
+    mine: list[list[list[Unit]]] = [[]]  # as given, for the results; the workers get absolute paths
     for batch in batches:
-        if sum(map(len, shards[-1])) >= cluster.cfg.shard_images:
-            shards.append([])
-        shards[-1].append(batch)
+        if sum(map(len, mine[-1])) >= cluster.cfg.shard_images:
+            mine.append([])
+        mine[-1].append(batch)
+    shards = [[[absolute(unit) for unit in batch] for batch in shard] for shard in mine]
     describe = lambda shard: f"{sum(map(len, shard))} images, {shard[0][0].path} .. {shard[-1][-1].path}"  # noqa: E731
-    for shard, encoded in zip(shards, cluster.map_shards(_encode_shard, job, shards, desc=f"cache@{job.resolution}", describe=describe)):
+    for shard, encoded in zip(mine, cluster.map_shards(_encode_shard, job, shards, desc=f"cache@{job.resolution}", describe=describe)):
         yield from zip(shard, encoded)
 
 

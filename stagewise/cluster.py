@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -160,43 +162,65 @@ class Cluster:
             futures[client.submit(fn, shared_future, shard, key=f"{desc or fn.__name__}-{run}-shard{i}", pure=False)] = i
         done: dict[int, Any] = {}
         retried: set[int] = set()
+        lost_twice: list[str] = []
         following = 0
         pending = as_completed(list(futures), loop=client.loop)
         try:
             for future in pending:
                 i = futures.pop(future)
-                if future.status == "error":
-                    exc = future.exception()
+                try:
+                    done[i] = future.result()
+                except Exception as exc:  # noqa: BLE001 - anything but a lost worker is raised as is
                     if not _worker_lost(exc):
-                        future.result()  # raises the task's own exception, with its traceback
+                        raise
                     where = f"shard {i + 1}/{len(shards)} of {desc} ({describe(shards[i])})"
-                    if i in retried:
-                        raise ClusterError(f"{where} lost its worker twice ({type(exc).__name__}: {exc}); what it finished is in the store: run the stage again to continue")
+                    if i in retried:  # the other shards still finish (their results are saved), then the stage fails
+                        lost_twice.append(f"{where} lost its worker twice ({type(exc).__name__}: {exc})")
+                        continue
                     log.warning("cluster: %s: its worker died (%s: %s); retrying the shard once", where, type(exc).__name__, exc)
                     retried.add(i)
-                    [shared_future] = client.scatter([shared], broadcast=True, hash=False)  # the dead worker's copy is gone
+                    # A result or the shared data held by the dead worker is gone with it: send ``shared`` again.
+                    [shared_future] = client.scatter([shared], broadcast=True, hash=False)
                     again = client.submit(fn, shared_future, shards[i], key=f"{desc or fn.__name__}-{run}-shard{i}-retry", pure=False)
                     futures[again] = i
                     pending.add(again)
                     continue
-                done[i] = future.result()
                 future.release()
                 if progress is not None:
                     progress(shards[i], done[i])
                 while following in done:
                     yield done.pop(following)
                     following += 1
+            if lost_twice:
+                raise ClusterError("\n".join(lost_twice) + "\nWhat the workers finished is in the store: run the stage again to continue.")
         finally:  # also when the consumer stops early: nothing keeps computing for nobody
             for future in futures:
                 future.cancel()
             shared_future.cancel()
 
 
+def absolute(row: Any) -> Any:
+    """``row`` with an absolute ``path``: a worker does not run in the stage's folder (its own cwd, or another
+    machine that mounts the same file system at the same place)."""
+    path = os.path.abspath(row.path)
+    if path == row.path:
+        return row
+    if hasattr(row, "_replace"):  # a NamedTuple, a manifest row from itertuples
+        return row._replace(path=path)
+    if dataclasses.is_dataclass(row):
+        return dataclasses.replace(row, path=path)
+    raise TypeError(f"cannot send {type(row).__name__} rows to a cluster: relative path {row.path!r}")
+
+
 def _worker_lost(exc: BaseException | None) -> bool:
+    """A failure of the worker, not of the task: it died while running it, or held its result or input."""
+    from concurrent.futures import CancelledError
+
     from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
 
-    return isinstance(exc, (KilledWorker, CommClosedError))
+    return isinstance(exc, (KilledWorker, CommClosedError, FutureCancelledError, CancelledError))
 
 
 _CURRENT: contextvars.ContextVar[Cluster | None] = contextvars.ContextVar("stagewise_cluster", default=None)

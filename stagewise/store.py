@@ -173,13 +173,16 @@ def memo_map(
         from stagewise.cluster import current
 
         cluster = current()
-    job = _Job(store.root, store.fingerprint, store.flush_every, load, run_batch, batch_size, workers, desc)
+    job = _Job(store.root.absolute(), store.fingerprint, store.flush_every, load, run_batch, batch_size, workers, desc)
     with tqdm(total=len(todo), desc=desc, unit="img", mininterval=1.0) as bar:
         if cluster is None:
             with store:
                 _compute(job, todo, store, values, errors, bar.update)
         else:
-            shards = [todo[start:start + cluster.cfg.shard_images] for start in range(0, len(todo), cluster.cfg.shard_images)]
+            from stagewise.cluster import absolute
+
+            remote = [absolute(row) for row in todo]
+            shards = [remote[start:start + cluster.cfg.shard_images] for start in range(0, len(remote), cluster.cfg.shard_images)]
             describe = lambda shard: f"{len(shard)} images, {shard[0].path} .. {shard[-1].path}"  # noqa: E731
             for shard_values, shard_errors in cluster.map_shards(_compute_shard, job, shards, desc=desc, describe=describe,
                                                                  progress=lambda shard, _: bar.update(len(shard))):

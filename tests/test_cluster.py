@@ -132,12 +132,13 @@ def test_a_shard_losing_its_worker_twice_fails_and_the_rerun_finishes_it(cluster
     store = ResultStore(tmp_path / "store", "fp", flush_every=1)
     with pytest.raises(ClusterError, match=r"shard 3/3 of redness \(3 images, .*img_06.png .* lost its worker twice"):
         memo_map(rows, store, die_on(tmp_path, "img_07.png", times=2), cluster=cluster, desc="redness")
-    # every other shard's rows, and the killed shard's rows finished before the kill, are in the store
+    # every other shard finished and is in the store (the killed shard at most up to its kill)
     saved = set(read_parquet_dir(tmp_path / "store")["sha256"])
-    assert {r.sha256 for r in rows[:7]} == saved  # img_06 was flushed before img_07 killed its worker (twice)
+    assert {r.sha256 for r in rows[:6]} <= saved and rows[7].sha256 not in saved
     computed = []
-    rerun = memo_map(rows, store, lambda row: computed.append(row.path) or mean_red(row))
-    assert [Path(p).name for p in computed] == ["img_07.png", "img_08.png"] and len(rerun.values) == 9
+    rerun = memo_map(rows, store, lambda row: computed.append(Path(row.path).name) or mean_red(row))
+    assert set(computed) == {r.path.rsplit("/", 1)[-1] for r in rows if r.sha256 not in saved} <= {"img_06.png", "img_07.png", "img_08.png"}
+    assert len(rerun.values) == 9 and "img_07.png" in computed
 
 
 def test_an_unreachable_address_fails_fast_naming_it(tmp_path):
@@ -172,6 +173,7 @@ def test_a_stage_process_connects_to_the_address(cluster, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"cluster: connected to {cluster.address}" in proc.stderr
-    assert (pd.read_parquet(tmp_path / "manifest.parquet")["status"] == "kept").sum() == 6
+    manifest = pd.read_parquet(tmp_path / "manifest.parquet")
+    assert (manifest["status"] == "kept").sum() == 6, manifest["reason"].tolist()
     parts = list((tmp_path / "store").glob("part-*.parquet"))
     assert len(parts) >= 1 and all(not p.name.endswith(f"-{proc.pid}.parquet") for p in parts)  # written by the workers
