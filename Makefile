@@ -86,3 +86,12 @@ cluster-stop:
 
 cluster-status:
 	python -m flows.local_cluster status --port $(DASK_PORT)
+
+# --- Artifacts on a DVC remote (README "Artifacts on a DVC remote"): `dvc push`/`pull` plus the outputs
+# declared `cache: false` (latent cache, optimizer state, resume backups) that `dvc push` leaves behind
+.PHONY: push pull
+push: install  ## dvc push, then data/cache/<px>, runs/*/state.safetensors and runs/*/backups to the same remote
+	python -m stagewise.remote push $(if $(REMOTE),-r $(REMOTE))
+
+pull: install  ## dvc pull, then the uncached outputs this commit's dvc.lock names (only those absent here)
+	python -m stagewise.remote pull $(if $(REMOTE),-r $(REMOTE))
