@@ -57,7 +57,7 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def uncached_outputs(root: Path) -> list[Uncached]:
-    """Outputs declared ``cache: false`` that git does not track, with the hash dvc.lock records."""
+    """Outputs declared ``cache: false`` that git does not track (absent ones too), with the hash dvc.lock records."""
     from dvc.repo import Repo
 
     found = []
@@ -67,8 +67,8 @@ def uncached_outputs(root: Path) -> list[Uncached]:
                 if out.use_cache or not out.hash_info or not out.hash_info.value:
                     continue
                 rel = os.path.relpath(out.fs_path, repo.root_dir)
-                ignored = subprocess.run(["git", "check-ignore", "-q", rel], cwd=root).returncode == 0
-                if ignored:
+                tracked = subprocess.run(["git", "ls-files", "--", rel], cwd=root, capture_output=True, text=True).stdout.strip()
+                if not tracked:  # metrics, history and events are `cache: false` too, but committed
                     found.append(Uncached(rel, out.hash_info.value, stage.addressing))
     return found
 
