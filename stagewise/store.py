@@ -270,16 +270,16 @@ class Lazy(Generic[T]):
     def __reduce__(self):  # sent to a cluster worker: the recipe travels, the model is built there on need
         return (Lazy, (self._build,))
 
-
-class ThreadLocal(threading.local):
-    """``threading.local`` that a cluster worker receives empty (one detector session per thread there too)."""
-
-    def __reduce__(self):
-        return (type(self), ())
-
     def get(self) -> T:
         if self.value is None:
             with self._lock:
                 if self.value is None:
                     self.value = self._build()
         return self.value
+
+
+class ThreadLocal(threading.local):
+    """``threading.local`` that a cluster worker receives empty (one detector session per thread there too)."""
+
+    def __reduce__(self):
+        return (type(self), ())

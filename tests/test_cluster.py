@@ -1,5 +1,6 @@
 """Curation on a Dask cluster (stagewise.cluster): a 2-worker LocalCluster on 127.0.0.1, started once for
-the module, computes ingest's decodes, the watermark detector and the TAEF2 latent cache of a tiny project;
+the module, computes ingest's decodes, the watermark detector, near_dup's hashes and the TAEF2 latent cache
+of a tiny project;
 every output file is byte-identical to the local run's. A worker that dies mid-shard is reported with its
 shard and the shard retried once; one that dies twice fails the stage naming the shard, keeps what the
 other shards finished, and the rerun computes only the rest. An unreachable address fails in seconds,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,10 +68,11 @@ def domain_folders(root: Path) -> dict[str, Path]:
 
 
 def curate(folders: dict[str, Path], work: Path, cluster: Cluster | None) -> list[Path]:
-    """ingest -> watermark -> cache@32 (TAEF2) in this process, on ``cluster`` or locally; the output files."""
+    """ingest -> watermark -> near_dup -> cache@32 (TAEF2) in this process, on ``cluster`` or locally; the output files."""
     from stagewise.cache import CacheConfig, update_cache
     from stagewise.codecs import CodecConfig, load_codec
     from stagewise.curation.ingest import IngestConfig, ingest
+    from stagewise.curation.neardup import NearDupConfig, find_near_duplicates
     from stagewise.curation.watermark import WatermarkConfig, run_cascade
 
     with activate(cluster):
@@ -78,11 +81,14 @@ def curate(folders: dict[str, Path], work: Path, cluster: Cluster | None) -> lis
         decisions, counts = run_cascade(manifest, WatermarkConfig(workers=1), work / "store" / "watermark")
         assert counts["detected"] > 0
         write_parquet(work / "watermark.parquet", decisions)
+        near, counts = find_near_duplicates(manifest, NearDupConfig(workers=1), work / "store" / "near_dup", {"watermark.parquet": decisions})
+        assert counts["hashed"] > 0
+        write_parquet(work / "near_dup.parquet", near)
         kept = manifest[manifest["status"] == "kept"].assign(caption="a photo")
         codec = load_codec(CodecConfig(name="taef2", weights=str(taef2_dir())))
         result = update_cache(kept, work / "cache", 32, codec, CacheConfig(resolutions=[32], batch_size=4, shard_mb=0.006, workers=2))
         assert result.encoded == 2 * len(kept) and len(result.new_shards) > 1
-    return [work / "manifest.parquet", work / "watermark.parquet", *sorted((work / "cache").glob("shard-*.parquet"))]
+    return [work / "manifest.parquet", work / "watermark.parquet", work / "near_dup.parquet", *sorted((work / "cache").glob("shard-*.parquet"))]
 
 
 @pytest.mark.skipif(taef2_dir() is None, reason="needs the bundled TAEF2 weights (STAGEWISE_MODELS)")
@@ -179,3 +185,28 @@ def test_a_stage_process_connects_to_the_address(cluster, tmp_path):
     parts = list((tmp_path / "store").glob("part-*.parquet"))
     workers = {str(pid) for pid in cluster.client().run(os.getpid).values()}
     assert parts and {p.stem.rsplit("-", 1)[-1] for p in parts} <= workers  # written by the workers
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(taef2_dir() is None, reason="needs the bundled TAEF2 weights (STAGEWISE_MODELS)")
+def test_dvc_repro_through_the_cache_on_a_local_cluster_is_byte_identical(tmp_path):
+    """The acceptance run: `dvc repro cache@16` (TAEF2) of the tiny project, once local and once with
+    `cluster: {engine: dask, address: null, workers: 2}` (each stage with new images starts its own
+    LocalCluster on 127.0.0.1); every curated output and latent shard has the same bytes."""
+    from conftest import dvc, set_params
+    from tiny_pipeline import make_tiny_project
+
+    projects = {}
+    for name in ("local", "dask"):
+        project = make_tiny_project(tmp_path / name, sample=name == "local")
+        set_params(project / "params.yaml", {"codec": {"name": "taef2", "weights": str(taef2_dir())}})
+        if name == "dask":
+            shutil.copytree(projects["local"] / "data" / "sample", project / "data" / "sample")  # same files, same mtimes
+            set_params(project / "params.yaml", {"cluster": {"engine": "dask", "workers": 2, "shard_images": 4}})
+        repro = dvc(project, "repro", "cache@16")
+        assert name == "local" or "cluster: started a local Dask cluster at tcp://127.0.0.1:" in repro.stdout + repro.stderr
+        projects[name] = project
+    outputs = sorted(p.relative_to(projects["local"]) for p in (projects["local"] / "data").glob("c*/**/*.parquet"))
+    assert any("cache/16/shard-" in str(p) for p in outputs) and any("manifest" in str(p) for p in outputs)
+    for rel in outputs:
+        assert (projects["local"] / rel).read_bytes() == (projects["dask"] / rel).read_bytes(), rel
