@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images to curate (default: %(default)s)")
     parser.add_argument("--cache-px", type=int, default=128, help="cache resolution (default: %(default)s)")
     parser.add_argument("--shard-images", type=int, default=8, help="cluster.shard_images (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each configuration, alternating; best of (default: %(default)s)")
     parser.add_argument("--ddp", action="store_true", help="then run benchmarks/ddp_throughput.py (the DDP figures) if it exists")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -113,23 +114,27 @@ def main() -> None:
         print(f"{len(manifest)} images (dreambooth photos first, then generated 512 px ones); cache at {args.cache_px} px with flips; "
               f"shards of {args.shard_images} images; load average before: {load_average()} on {os.cpu_count()} cores")
 
-        rows = []
         runs = {"local 1 thread": None, "dask 1 worker x 1 thread": 1, "dask 2 workers x 1 thread": 2}
-        for name, workers in runs.items():
-            cluster = None
+        clusters = {}
+        for name, workers in runs.items():  # started before the clock, kept for every repeat
             if workers:
-                cluster = Cluster(ClusterConfig(engine="dask", workers=workers, threads_per_worker=1, shard_images=args.shard_images))
-                start, _ = timed(lambda: cluster.client() and 0)
+                clusters[name] = Cluster(ClusterConfig(engine="dask", workers=workers, threads_per_worker=1, shard_images=args.shard_images))
+                start, _ = timed(lambda: clusters[name].client() and 0)
                 print(f"  {name}: cluster start {start:.1f} s")
-            here = work / name.replace(" ", "_")
-            try:
-                with activate(cluster):
-                    wm_s, wm_n = timed(lambda: watermark(manifest, here / "wm-store", here / "watermark.parquet"))
-                    ca_s, ca_n = timed(lambda: cache(dataset, here / "cache", args.cache_px, codec))
-            finally:
-                if cluster is not None:
-                    cluster.close()
-            rows.append((name, wm_n / wm_s, ca_n / ca_s, here))
+        best: dict[str, list[float]] = {name: [0.0, 0.0] for name in runs}
+        try:
+            for repeat in range(args.repeat):  # alternating, best of: a shared machine only ever slows a run down
+                for name in runs:
+                    here = work / f"{name.replace(' ', '_')}-{repeat}"
+                    with activate(clusters.get(name)):
+                        wm_s, wm_n = timed(lambda: watermark(manifest, here / "wm-store", here / "watermark.parquet"))
+                        ca_s, ca_n = timed(lambda: cache(dataset, here / "cache", args.cache_px, codec))
+                    best[name] = [max(best[name][0], wm_n / wm_s), max(best[name][1], ca_n / ca_s)]
+                    print(f"  {name}, run {repeat + 1}: watermark {wm_n / wm_s:.2f} img/s, cache {ca_n / ca_s:.2f} img/s; load {load_average()}")
+        finally:
+            for cluster in clusters.values():
+                cluster.close()
+        rows = [(name, *best[name], work / f"{name.replace(' ', '_')}-{args.repeat - 1}") for name in runs]
 
         base = rows[0]
         print(f"\n{'run':28s} {'watermark img/s':>16s} {'speed-up':>9s} {'cache img/s':>12s} {'speed-up':>9s}  outputs = local")

@@ -91,7 +91,7 @@ class Cluster:
 
     def client(self):
         if self._client is None:
-            logging.getLogger("distributed").setLevel(logging.WARNING)  # the stage logs at INFO; Dask's chatter is not for it
+            _quiet_dask(logging.WARNING)  # the stage logs at INFO; Dask's start-up chatter is not for it
             self._client = self._connect() if self.cfg.address else self._start_local()
         return self._client
 
@@ -123,13 +123,14 @@ class Cluster:
                 host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",  # no fixed 8787: stages may run side by side
                 silence_logs=logging.WARNING,
             )  # fmt: skip
+        _quiet_dask(logging.WARNING)  # distributed sets its loggers' levels again as it starts
         client = Client(self._local, set_as_default=False)
         log.info("cluster: started a local Dask cluster at %s (%d workers x %d thread(s)) in %.1f s",
                  self._local.scheduler_address, self.cfg.workers, self.cfg.threads_per_worker, time.monotonic() - started)
         return client
 
     def close(self) -> None:
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # workers leaving at shutdown are not news
+        _quiet_dask(logging.CRITICAL)  # workers leaving at shutdown are not news
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -197,6 +198,11 @@ class Cluster:
             for future in futures:
                 future.cancel()
             shared_future.cancel()
+
+
+def _quiet_dask(level: int) -> None:
+    for name in ["distributed", *[n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]]:
+        logging.getLogger(name).setLevel(level)
 
 
 def absolute(row: Any) -> Any:
