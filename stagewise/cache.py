@@ -286,7 +286,7 @@ def _encode_missing(
     units = make_units(todo)
     progress = tqdm(total=len(todo), desc=f"cache@{resolution}", unit="row", mininterval=1.0)
     batches = batched_units(units, cfg.batch_size)
-    job = _EncodeJob(codec, resolution, cfg.batch_size, cfg.workers, cfg.device)
+    job = _EncodeJob(codec, resolution, cfg.batch_size, cfg.workers, cfg.device, torch.get_num_threads())
     with progress:
         for batch, encoded in _encoded_batches(job, batches, device):
             for unit, latents in zip(batch, encoded):
@@ -322,6 +322,9 @@ class _EncodeJob:
     batch_size: int
     workers: int
     device: str
+    # torch's intra-op threads of the stage process: a convolution's float rounding depends on it (TAEF2
+    # latents at 1 and 2 threads differ in float16 bits), so the workers encode with the same count.
+    torch_threads: int
 
 
 def _encoded_batches(job: _EncodeJob, batches: Iterator[list[Unit]], device: torch.device) -> Iterator[tuple[list[Unit], list]]:
@@ -360,8 +363,9 @@ def _encode_shard(job: _EncodeJob, shard: list[list[Unit]]) -> list[list]:
     from stagewise.device import pick_device
 
     device = pick_device(job.device)
+    torch.set_num_threads(job.torch_threads)
     codec = job.codec.to(device)
-    job = _EncodeJob(codec, job.resolution, job.batch_size, job.workers, job.device)
+    job = _EncodeJob(codec, job.resolution, job.batch_size, job.workers, job.device, job.torch_threads)
     out = []
     for _, loaded in prefetched(iter(shard), lambda u: load_unit(u, job.resolution), job.workers):
         out.append([x if isinstance(x, str) else [latent.half() for latent in x] for x in _encode_loaded(job, loaded, device)])
