@@ -72,3 +72,26 @@ plots-template:  ## rebuild the committed plots/offline.html from the npm regist
 profile: install  ## merge profiles/$(PROFILE).yaml into params.yaml, comments kept (`git diff params.yaml` shows what changed)
 	@test -n "$(PROFILE)" || { echo "usage: make profile PROFILE=<name>; profiles: $(basename $(notdir $(wildcard profiles/*.yaml)))"; exit 2; }
 	python -m stagewise.profiles $(PROFILE)
+
+# --- Curation on a Dask cluster (README "Curation on a cluster"): a scheduler + workers on 127.0.0.1
+DASK_PORT ?= 8786
+DASK_WORKERS ?= 2
+DASK_THREADS ?= 1
+.PHONY: cluster cluster-stop cluster-status
+cluster: install  ## start (or reuse) a Dask scheduler and $(DASK_WORKERS) workers on 127.0.0.1; logs and pids in .stagewise/dask
+	python -m flows.local_cluster start --port $(DASK_PORT) --workers $(DASK_WORKERS) --threads $(DASK_THREADS)
+
+cluster-stop:
+	python -m flows.local_cluster stop
+
+cluster-status:
+	python -m flows.local_cluster status --port $(DASK_PORT)
+
+# --- Artifacts on a DVC remote (README "Artifacts on a DVC remote"): `dvc push`/`pull` plus the outputs
+# declared `cache: false` (latent cache, optimizer state, resume backups) that `dvc push` leaves behind
+.PHONY: push pull
+push: install  ## dvc push, then data/cache/<px>, runs/*/state.safetensors and runs/*/backups to the same remote
+	python -m stagewise.remote push $(if $(REMOTE),-r $(REMOTE))
+
+pull: install  ## dvc pull, then the uncached outputs this commit's dvc.lock names (only those absent here)
+	python -m stagewise.remote pull $(if $(REMOTE),-r $(REMOTE))

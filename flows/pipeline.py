@@ -100,6 +100,20 @@ def _finished(state: State) -> State:
     return state.model_copy(update={"data": _Finished()})
 
 
+def cluster_line(project: Path) -> str:
+    """Where the per-image stages compute (params.yaml `cluster`, read by each stage process itself)."""
+    from stagewise.cluster import config_from_params
+
+    try:
+        cfg = config_from_params(project / "params.yaml")
+    except ValueError as exc:  # the stages will fail on it, naming the key
+        return f"cluster: {exc}"
+    if cfg.engine == "local":
+        return "cluster: local (each stage computes in its own process)"
+    where = cfg.address or f"a local Dask cluster of {cfg.workers} workers x {cfg.threads_per_worker} thread(s) on 127.0.0.1, started by each stage with new images"
+    return f"cluster: dask at {where}, shards of {cfg.shard_images} images"
+
+
 def run_pipeline(
     project: str | Path = ".",
     targets: list[str] | None = None,
@@ -128,6 +142,7 @@ def run_pipeline(
             forced = {s.name for s in (select(dag, targets, upstream=force_upstream) if force else [])}
             apply_set_params(project, set_params)
             logger.info("stages, in order: %s", ", ".join(s.name for s in chosen))
+            logger.info("%s", cluster_line(project))
             fresh = unchanged_stages(project, [s.name for s in chosen])
             if fresh is None:
                 logger.info("DVC could not tell what is stale (its lock is held); every stage is reproduced")

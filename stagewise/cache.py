@@ -311,32 +311,20 @@ def _encode_missing(
 ) -> None:
     units = make_units(todo)
     latent_px = codec.latent_px(resolution)
-    masks_of: dict[str, list[bytes | None]] = {}  # filled by the loading threads
-
-    def load(unit: Unit) -> list[np.ndarray] | str:
-        loaded = load_unit(unit, resolution)
-        if masks_dir is not None and not isinstance(loaded, str):
-            masks_of[unit.sha256] = latent_masks(unit, masks_dir, resolution, latent_px)
-        return loaded
-
     progress = tqdm(total=len(todo), desc=f"cache@{resolution}", unit="row", mininterval=1.0)
     batches = batched_units(units, cfg.batch_size)
+    job = _EncodeJob(codec, resolution, cfg.batch_size, cfg.workers, cfg.device, torch.get_num_threads())
     with progress:
-        for batch, loaded in prefetched(batches, load, cfg.workers):
-            ok = [(u, arrays) for u, arrays in zip(batch, loaded) if not isinstance(arrays, str)]
-            for unit, reason in zip(batch, loaded):
-                if isinstance(reason, str):
-                    result.failed[unit.path] = reason
-                    log.warning("%s: skipped: %s", unit.path, reason)
+        for batch, encoded in _encoded_batches(job, batches, device):
+            for unit, latents in zip(batch, encoded):
+                if isinstance(latents, str):
+                    result.failed[unit.path] = latents
+                    log.warning("%s: skipped: %s", unit.path, latents)
                     progress.update(len(unit.flips))
-            arrays = [a for _, group in ok for a in group]
-            if not arrays:
-                continue
-            latents = iter(encode_batch(codec, arrays, device, cfg.batch_size))
-            for unit, group in ok:
-                unit_masks = masks_of.pop(unit.sha256, [None] * len(unit.flips))
-                for flipped, mask in zip(unit.flips, unit_masks):
-                    latent = next(latents)
+                    continue
+                # the face masks are read here, by the writing process (small PNGs), wherever the encoding ran
+                unit_masks = latent_masks(unit, masks_dir, resolution, latent_px) if masks_dir is not None else [None] * len(unit.flips)
+                for flipped, latent, mask in zip(unit.flips, latents, unit_masks):
                     writer.add(
                         sha256=unit.sha256,
                         domain=unit.domain,
@@ -353,3 +341,62 @@ def _encode_missing(
                 result.encoded += len(unit.flips)
                 progress.update(len(unit.flips))
         writer.flush()
+
+
+@dataclass(frozen=True)
+class _EncodeJob:
+    """What encoding needs, here or on a cluster worker (the codec travels to each worker once)."""
+
+    codec: Codec
+    resolution: int
+    batch_size: int
+    workers: int
+    device: str
+    # torch's intra-op threads of the stage process: a convolution's float rounding depends on it (TAEF2
+    # latents at 1 and 2 threads differ in float16 bits), so the workers encode with the same count.
+    torch_threads: int
+
+
+def _encoded_batches(job: _EncodeJob, batches: Iterator[list[Unit]], device: torch.device) -> Iterator[tuple[list[Unit], list]]:
+    """(batch, per unit: its latents, one per flip, or why it failed), in order. On a cluster
+    (``stagewise.cluster.current()``) whole batches go to the workers in shards of about ``shard_images``
+    units: the same batches as a local run, so the same latents; the shards stream back in order and
+    this process writes them, so the shards on disk are the same files."""
+    from stagewise.cluster import current
+
+    cluster = current()
+    if cluster is None:
+        for batch, loaded in prefetched(batches, lambda u: load_unit(u, job.resolution), job.workers):
+            yield batch, _encode_loaded(job, loaded, device)
+        return
+    from stagewise.cluster import absolute
+
+    mine: list[list[list[Unit]]] = [[]]  # as given, for the results; the workers get absolute paths
+    for batch in batches:
+        if sum(map(len, mine[-1])) >= cluster.cfg.shard_images:
+            mine.append([])
+        mine[-1].append(batch)
+    shards = [[[absolute(unit) for unit in batch] for batch in shard] for shard in mine]
+    describe = lambda shard: f"{sum(map(len, shard))} images, {shard[0][0].path} .. {shard[-1][-1].path}"  # noqa: E731
+    for shard, encoded in zip(mine, cluster.map_shards(_encode_shard, job, shards, desc=f"cache@{job.resolution}", describe=describe)):
+        yield from zip(shard, encoded)
+
+
+def _encode_loaded(job: _EncodeJob, loaded: list, device: torch.device) -> list:
+    arrays = [a for group in loaded if not isinstance(group, str) for a in group]
+    latents = iter(encode_batch(job.codec, arrays, device, job.batch_size) if arrays else [])
+    return [group if isinstance(group, str) else [next(latents) for _ in group] for group in loaded]
+
+
+def _encode_shard(job: _EncodeJob, shard: list[list[Unit]]) -> list[list]:
+    """On a worker: decode and encode a shard's batches; latents come back as float16 (what is stored)."""
+    from stagewise.device import pick_device
+
+    device = pick_device(job.device)
+    torch.set_num_threads(job.torch_threads)
+    codec = job.codec.to(device)
+    job = _EncodeJob(codec, job.resolution, job.batch_size, job.workers, job.device, job.torch_threads)
+    out = []
+    for _, loaded in prefetched(iter(shard), lambda u: load_unit(u, job.resolution), job.workers):
+        out.append([x if isinstance(x, str) else [latent.half() for latent in x] for x in _encode_loaded(job, loaded, device)])
+    return out

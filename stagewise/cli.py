@@ -40,6 +40,7 @@ def setup_logging() -> None:
 
 
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    from stagewise import cluster
     from stagewise.config import ParamsError, check_sections
 
     parser.add_argument("--params", default="params.yaml", help="params file to read this stage's section from (default: %(default)s)")
@@ -47,7 +48,9 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     setup_logging()
     try:
         check_sections(args.params)  # a misspelled section would otherwise leave its stage on defaults, silently
-        main(args)
+        # The params' cluster section, current for the stage's per-image maps (stagewise.cluster); local by default.
+        with cluster.session(cluster.config_from_params(args.params)):
+            main(args)
     except (ParamsError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

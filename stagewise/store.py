@@ -126,6 +126,7 @@ def memo_map(
     workers: int = 2,
     desc: str = "",
     reuse: Callable[[R, dict[str, Any]], bool] | None = None,
+    cluster: Any = None,
 ) -> MemoResult:
     """The per-image result of every distinct ``sha256`` in ``rows``, computing only what ``store`` lacks.
 
@@ -143,6 +144,11 @@ def memo_map(
     - Memory: the rows to compute are listed (small), images exist only for the batches in flight; what
       grows is the per-image values returned.
     - A progress bar (``desc``) counts the images to compute, shown only when there are some.
+    - On a cluster (``cluster``, default ``stagewise.cluster.current()``: the params' ``cluster`` section of
+      the running stage), the images to compute are split into shards of ``shard_images`` that run this
+      same loop on the workers, each writing its results into ``store``'s folder; the results come back
+      merged in the order of ``rows``, so every output is the same as a local run's. ``load`` and
+      ``run_batch`` are pickled to the workers (a ``Lazy`` model is rebuilt there, on first need).
     """
     if isinstance(rows, pd.DataFrame):
         rows = rows.itertuples(index=False)
@@ -163,20 +169,70 @@ def memo_map(
     if not todo:
         return MemoResult(values, errors, 0)
     log.info("%s: %d new images to compute (%d memoised)", desc, len(todo), len(values))
-    batches = (todo[start:start + batch_size] for start in range(0, len(todo), batch_size))
-    with store, tqdm(total=len(todo), desc=desc, unit="img", mininterval=1.0) as bar:
-        for batch, loaded in prefetched(batches, functools.partial(_guarded, load), workers):
-            good = [(row, item) for row, item in zip(batch, loaded) if not isinstance(item, Unreadable)]
-            errors.update({row.sha256: item.reason for row, item in zip(batch, loaded) if isinstance(item, Unreadable)})
-            if good:
-                results = run_batch([row for row, _ in good], [item for _, item in good]) if run_batch else [item for _, item in good]
-                if len(results) != len(good):
-                    raise RuntimeError(f"{desc}: {len(results)} results for a batch of {len(good)} images")
-                for (row, _), result in zip(good, results):
-                    store.add(row.sha256, **result)
-                    values[row.sha256] = result
-            bar.update(len(batch))
+    if cluster is None:
+        from stagewise.cluster import current
+
+        cluster = current()
+    job = _Job(store.root.absolute(), store.fingerprint, store.flush_every, load, run_batch, batch_size, workers, desc)
+    with tqdm(total=len(todo), desc=desc, unit="img", mininterval=1.0) as bar:
+        if cluster is None:
+            with store:
+                _compute(job, todo, store, values, errors, bar.update)
+        else:
+            from stagewise.cluster import absolute
+
+            remote = [absolute(row) for row in todo]
+            shards = [remote[start:start + cluster.cfg.shard_images] for start in range(0, len(remote), cluster.cfg.shard_images)]
+            describe = lambda shard: f"{len(shard)} images, {shard[0].path} .. {shard[-1].path}"  # noqa: E731
+            for shard_values, shard_errors in cluster.map_shards(_compute_shard, job, shards, desc=desc, describe=describe,
+                                                                 progress=lambda shard, _: bar.update(len(shard))):
+                values.update(shard_values)
+                errors.update(shard_errors)
+            store.close()  # the workers only flush; merging many small parts is done here, once
     return MemoResult(values, errors, len(todo) - len(errors))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a shard of ``memo_map`` needs on a worker: the store's place and key, and the step."""
+
+    root: Path
+    fingerprint: str
+    flush_every: int
+    load: Callable
+    run_batch: Callable | None
+    batch_size: int
+    workers: int
+    desc: str
+
+
+def _compute(job: _Job, todo: list, store: ResultStore, values: dict, errors: dict, advance: Callable[[int], None]) -> None:
+    """Load and compute ``todo`` in batches, adding each result to ``store`` as it comes."""
+    batches = (todo[start:start + job.batch_size] for start in range(0, len(todo), job.batch_size))
+    for batch, loaded in prefetched(batches, functools.partial(_guarded, job.load), job.workers):
+        good = [(row, item) for row, item in zip(batch, loaded) if not isinstance(item, Unreadable)]
+        errors.update({row.sha256: item.reason for row, item in zip(batch, loaded) if isinstance(item, Unreadable)})
+        if good:
+            results = job.run_batch([row for row, _ in good], [item for _, item in good]) if job.run_batch else [item for _, item in good]
+            if len(results) != len(good):
+                raise RuntimeError(f"{job.desc}: {len(results)} results for a batch of {len(good)} images")
+            for (row, _), result in zip(good, results):
+                store.add(row.sha256, **result)
+                values[row.sha256] = result
+        advance(len(batch))
+
+
+def _compute_shard(job: _Job, shard: list) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """On a worker: one shard of ``memo_map``'s new images into the shared store (flushed, not compacted:
+    other workers write beside it); returns its values and unreadable reasons."""
+    store = ResultStore(job.root, job.fingerprint, job.flush_every)
+    values: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    try:
+        _compute(job, shard, store, values, errors, lambda n: None)
+    finally:  # a failure keeps what was finished
+        store.flush()
+    return values, errors
 
 
 def _guarded(load: Callable[[R], L], row: R) -> L | Unreadable:
@@ -211,9 +267,19 @@ class Lazy(Generic[T]):
     def __init__(self, build: Callable[[], T], value: T | None = None):
         self._build, self.value, self._lock = build, value, threading.Lock()
 
+    def __reduce__(self):  # sent to a cluster worker: the recipe travels, the model is built there on need
+        return (Lazy, (self._build,))
+
     def get(self) -> T:
         if self.value is None:
             with self._lock:
                 if self.value is None:
                     self.value = self._build()
         return self.value
+
+
+class ThreadLocal(threading.local):
+    """``threading.local`` that a cluster worker receives empty (one detector session per thread there too)."""
+
+    def __reduce__(self):
+        return (type(self), ())

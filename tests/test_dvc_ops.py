@@ -56,6 +56,40 @@ def exp_rows(project: Path) -> dict[str, dict]:
     return rows
 
 
+def test_second_machine_pulls_from_a_remote_and_recomputes_nothing(baseline, tmp_path):
+    """Two clones, one local-directory DVC remote (README "Artifacts on a DVC remote"). First in this file:
+    it pushes the baseline as reproduced, before the tests below change its workspace. `dvc pull` alone
+    brings the cached outputs but not the `cache: false` ones (the latent cache, optimizer state, resume
+    backups), so DVC would recompute the cache and retrain; `python -m stagewise.remote pull` brings them
+    too, and then `dvc status` is clean and `dvc repro` runs nothing."""
+    import sys
+
+    from conftest import build_project_sample
+
+    remote = tmp_path / "remote"
+    dvc(baseline, "remote", "add", "--local", "-d", "store", str(remote))  # .dvc/config.local: the baseline's git tree is untouched
+    pushed = run([sys.executable, "-m", "stagewise.remote", "push"], baseline).stdout
+    assert "data/cache/16: 1 file(s), 1 new on the remote" in pushed and "runs/lrd/backups" in pushed, pushed
+
+    clone = tmp_path / "second"
+    run(["git", "clone", "-q", str(baseline), str(clone)], tmp_path)
+    dvc(clone, "remote", "add", "--local", "-d", "store", str(remote))
+    build_project_sample(clone)  # the input folders: the embedded sample, rebuilt as `make demo` does (same bytes)
+    dvc(clone, "pull")
+    status = dvc(clone, "status").stdout
+    assert "deleted:            data/cache/16" in status and "runs/lrd/backups" in status, status  # what `dvc push` leaves behind
+    pulled = run([sys.executable, "-m", "stagewise.remote", "pull"], clone).stdout
+    assert "data/cache/16: 1 file(s) pulled" in pulled and "runs/lrd/state.safetensors: 1 file(s) pulled" in pulled, pulled
+    for out in ("data/cache/16", "runs/lrd/backups", "runs/gan/state.safetensors"):
+        files = lambda root: {p.relative_to(root): p.read_bytes() for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()}  # noqa: E731
+        assert files(clone / out) == files(baseline / out) != {}, out
+    assert dvc(clone, "status").stdout.strip() == "Data and pipelines are up to date."
+    repro = dvc(clone, "repro")
+    assert "Running stage" not in repro.stdout, repro.stdout[-3000:]
+    again = run([sys.executable, "-m", "stagewise.remote", "pull"], clone).stdout  # what is here is never overwritten
+    assert "data/cache/16: exists here, left as is" in again
+
+
 def test_exp_run_set_param_then_exp_show_params_diff_metrics_diff(baseline):
     project = baseline
     metrics_before = json.loads((project / "runs/lrd/metrics.json").read_text())

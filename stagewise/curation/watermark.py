@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from stagewise.curation.vlm import Question, VlmConfig, answers_for, matching
 from stagewise.curation.vlm import locate as locate_vlm
 from stagewise.images import load_verified
 from stagewise.io import sha256_file
-from stagewise.store import ResultStore, memo_map
+from stagewise.store import ResultStore, ThreadLocal, memo_map
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +389,7 @@ def detect_new(kept: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_
     """Detector boxes for every kept image, running the detector only on images not memoised.
     Returns (boxes etc. by sha256, decode errors by sha256, how many images the detector ran on)."""
     threads = threads_for(cfg)
-    local = threading.local()  # one onnxruntime session per worker: each owns `threads` cores
+    local = ThreadLocal()  # one onnxruntime session per worker: each owns `threads` cores (empty again on a cluster worker)
 
     def detect(row) -> dict:  # in a worker thread: rapidocr runs one image at a time, so the workers run it
         img = load_verified(row.path, row.sha256, cfg.max_pixels)
