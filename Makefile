@@ -72,3 +72,8 @@ plots-template:  ## rebuild the committed plots/offline.html from the npm regist
 profile: install  ## merge profiles/$(PROFILE).yaml into params.yaml, comments kept (`git diff params.yaml` shows what changed)
 	@test -n "$(PROFILE)" || { echo "usage: make profile PROFILE=<name>; profiles: $(basename $(notdir $(wildcard profiles/*.yaml)))"; exit 2; }
 	python -m stagewise.profiles $(PROFILE)
+
+# --- Watermark evaluation: held-out clean photos from Debian wallpaper packages (README "Learned watermark head")
+.PHONY: eval-photos
+eval-photos:  ## fetch Debian wallpapers/photos into data/eval_photos (git-ignored) for benchmarks/watermark_eval.py
+	python benchmarks/fetch_eval_photos.py --out data/eval_photos
