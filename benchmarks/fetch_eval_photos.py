@@ -8,8 +8,8 @@ its package and the file it came from. Nothing here is committed (OUT is git-ign
 evaluation reads OUT offline once it exists.
 
 Licences (from each package's copyright file, checked when this list was made): GPL-2+ (plasma,
-mate, desktop-base), CC-BY-SA-3.0/4.0, CC-BY-4.0 and CC0 (lomiri, ukui), CC-BY-SA / GPL (gnome,
-debian-edu). All allow this use (evaluation, not redistribution); see each copyright file for the
+mate, desktop-base), CC-BY-SA-3.0/4.0, CC-BY-4.0 and CC0 (lomiri, ukui), CC-BY-SA (gnome),
+GPL (propaganda-debian), CC0 / MIT (sway). All allow this use (evaluation, not redistribution); see each copyright file for the
 per-image authors.
 
     python benchmarks/fetch_eval_photos.py --out data/eval_photos     # what `make eval-photos` runs
@@ -25,17 +25,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 PACKAGES = (
     "plasma-workspace-wallpapers", "gnome-backgrounds", "mate-backgrounds", "ukui-wallpapers", "lomiri-wallpapers",
-    "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "desktop-base", "propaganda-debian",
-    "debian-edu-artwork-buster", "debian-edu-artwork-emerald", "debian-edu-artwork-homeworld", "debian-edu-artwork-softwaves",
-    "debian-edu-artwork-spacefun",
-)
+    "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "desktop-base", "propaganda-debian", "sway-backgrounds",
+)  # not debian-edu-artwork-*: every background there carries the Debian Edu name (real text: not clean)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # Not photos or backgrounds: previews, icons, logos, login-screen decorations (they are often text or logos).
-SKIP = re.compile(r"(preview|screenshot|thumb|icon|logo|emblem|grub|plymouth|lockscreen|login|splash|symbolic|/look-and-feel/)", re.I)
+SKIP = re.compile(r"(preview|screenshot|thumb|icon|logo|emblem|grub|plymouth|lockscreen|login|splash|symbolic|/look-and-feel/"
+                  r"|Float-into-MATE|focal-ubuntukylin)", re.I)  # the last two: a distribution's logo or name drawn on them
+MIN_STD_GREY = 6.0  # flatter ones are transparent overlays (white or black once flattened), not backgrounds
 RESOLUTION = re.compile(r"[_-]?\d{3,5}x\d{3,5}")
 MIN_SIDE_PX = 400  # smaller ones are icons or tiles
 
@@ -92,7 +93,15 @@ def main() -> None:
                 if min(w, h) < MIN_SIDE_PX:
                     continue
                 key = wallpaper_key(path, root)
-                if key not in best or w * h > best[key][0]:
+                if key in best and w * h <= best[key][0]:
+                    continue
+                try:
+                    with Image.open(path) as img:
+                        img.thumbnail((256, 256))
+                        flat = float(np.asarray(img.convert("L"), dtype=np.float32).std()) < MIN_STD_GREY
+                except OSError:
+                    continue
+                if not flat:
                     best[key] = (w * h, path)
             dest = out / package
             dest.mkdir(exist_ok=True)

@@ -10,6 +10,7 @@ Writes OUT/head.safetensors + OUT/head.json. The same seed gives bit-identical w
 
 import argparse
 import logging
+from pathlib import Path
 
 from stagewise import cli
 from stagewise.config import load_section
@@ -21,12 +22,21 @@ log = logging.getLogger("stages.watermark_head")
 
 def main(args: argparse.Namespace) -> None:
     cfg = load_section("watermark_head", wmhead.HeadTrainConfig, args.params)
+    if not cfg.enabled:
+        wmhead.save_disabled(args.out)
+        log.info("watermark_head.enabled is false: wrote %s/%s saying so; the watermark stage uses the text detector alone", args.out, wmhead.META_FILE)
+        return
     detector_cfg = load_section("watermark", WatermarkConfig, args.params)
     try:
         score = text_scorer(detector_cfg)
     except FileNotFoundError as exc:
         raise cli.StageError(str(exc)) from None
-    state, meta = wmhead.train(cfg, score)
+    photos = [img for _, img in wmhead.bundled_photos()]
+    extra = wmhead.folder_photos([Path(f) for f in args.photos or []])
+    if args.photos:
+        log.info("%d clean photos from %s besides the %d bundled ones", len(extra), ", ".join(args.photos), len(photos))
+    state, meta = wmhead.train(cfg, score, photos + [img for _, img in extra])
+    meta["photo_folders"] = [str(Path(f).resolve()) for f in args.photos or []]
     wmhead.save(args.out, state, meta)
     cal = meta["calibration"]
     log.info("trained the watermark head in %.1f s: threshold %.3f keeps %.3f of %d clean calibration images, recall %.3f of %d marked; wrote %s",
@@ -36,4 +46,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write head.safetensors and head.json into")
+    parser.add_argument("--photos", action="append", help="a folder of clean photos (no marks) to draw marks on besides the bundled ones; "
+                        "repeatable. Only read, never written")
     cli.run(main, parser)

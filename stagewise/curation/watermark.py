@@ -302,14 +302,16 @@ def decide(memo: dict, cfg: WatermarkConfig) -> dict:
 
 
 def decide_with_head(decision: dict, scores: dict, head, cfg: WatermarkConfig) -> dict:
-    """The text detector's decision replaced by the head's combiner (head score, lit share, text score)."""
+    """The head's combiner (head score, lit share, text score) on top of the text detector's decision: an
+    image the text detector rejects stays rejected (its threshold was chosen on real photos; the
+    combiner's on synthetic ones), and the head adds the marks the text detector does not see."""
     p = head.probability(float(scores["head_score"]), float(scores["head_lit_frac"]), decision["score"])
     threshold = cfg.head_threshold if cfg.head_threshold is not None else float(head.meta["threshold"])
-    rejected = p > threshold
-    reason = (f"watermark: learned head P={p:.3f} > {threshold:.3f} (head score {float(scores['head_score']):.2f}, "
-              f"text score {decision['score']:.3f})") if rejected else ""
-    return {**decision, "status": "rejected" if rejected else "kept", "reason": reason, "head_score": float(scores["head_score"]),
-            "head_lit_frac": float(scores["head_lit_frac"]), "head_p": p, "decided_by": DECIDED_BY_HEAD}
+    out = {**decision, "head_score": float(scores["head_score"]), "head_lit_frac": float(scores["head_lit_frac"]), "head_p": p}
+    if decision["status"] == "rejected" or p <= threshold:
+        return out
+    reason = f"watermark: learned head P={p:.3f} > {threshold:.3f} (head score {float(scores['head_score']):.2f}, text score {decision['score']:.3f})"
+    return {**out, "status": "rejected", "reason": reason, "decided_by": DECIDED_BY_HEAD}
 
 
 def uncertain(score: float, cfg: WatermarkConfig) -> bool:
@@ -457,8 +459,15 @@ def score_with_head(kept: pd.DataFrame, cfg: WatermarkConfig, head, store_dir: P
     def score(row) -> dict:
         return head.score_image(load_verified(row.path, row.sha256, cfg.max_pixels))
 
+    import torch
+
     store = ResultStore(store_dir, fingerprint("watermark-head-scores", HEAD_VERSION, head.model_hash))
-    result = memo_map(kept, store, score, workers=cfg.workers, desc="watermark head")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_for(cfg))  # workers x threads = cores: oversubscribed torch threads crawl
+    try:
+        result = memo_map(kept, store, score, workers=cfg.workers, desc="watermark head")
+    finally:
+        torch.set_num_threads(threads)
     return result.values, result.errors, result.computed
 
 

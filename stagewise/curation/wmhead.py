@@ -48,20 +48,25 @@ COMBINER_FEATURES = ("head_score", "head_lit_frac", "text_score")
 # out: skimage's coins (real lettering), and everything that is not a photo (text, page, logo, synthetic).
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "grass", "gravel", "hubble_deep_field",
                         "immunohistochemistry", "moon", "retina", "rocket", "stereo_motorcycle")
+CALIBRATION_EVERY = 3  # every third bundled photo is kept for calibration only (6 of 17)
 TRAIN_SHAPE_PX = (384, 288)  # (width, height) of every training image: one batch shape, 4:3 like most photos
 
 
 class HeadTrainConfig(Section):
+    # false: the stage writes only a head.json saying so (in a second) and the watermark stage decides by the
+    # text detector alone. For pipelines whose marks the text detector already catches, and for the test
+    # suite's many throw-away pipelines (tests/conftest.py), which check the DAG, not the head.
+    enabled: bool = Field(True, description="train the learned head; false: the watermark stage uses the text detector alone")
     seed: int = Field(0, description="seeds the marks, the crops and the head's initialisation: same seed, same weights")
     # The longer side the backbone sees, in training and in the stage. 384: small edge text (1.5-4 % of the
     # shorter side) is then 4-12 px tall, one or two cells; 512 would cost 1.8x per image.
     input_side_px: int = Field(384, ge=64)
     # Training images, half of them clean (below). Sized so the stage runs in well under a minute on two
     # cores (the backbone pass on each image is most of it); more images help a little (see README).
-    train_images: int = Field(256, ge=8)
-    calibration_images: int = Field(96, ge=8, description="separate synthetic images the combiner is fitted on")
-    clean_fraction: float = Field(0.4, gt=0, lt=1, description="share of clean (unmarked) images in both sets")
-    steps: int = Field(300, ge=1)
+    train_images: int = Field(192, ge=8)
+    calibration_images: int = Field(128, ge=8, description="separate synthetic images, on other photos, the combiner is fitted on")
+    clean_fraction: float = Field(0.5, gt=0, lt=1, description="share of clean (unmarked) images in both sets")
+    steps: int = Field(250, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     hidden_channels: int = Field(16, ge=4)
@@ -116,6 +121,25 @@ def bundled_photos() -> list[tuple[str, Image.Image]]:
     return photos
 
 
+def folder_photos(folders: list[Path], max_pixels: int = 8192 * 8192) -> list[tuple[str, Image.Image]]:
+    """(path, RGB) of every JPEG/PNG under ``folders``, sorted (the order is part of the seed's result)."""
+    from stagewise.images import ImageError, load_rgb
+
+    photos = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"clean photo folder not found: {folder}")
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+            try:
+                img = load_rgb(path, max_pixels)
+            except ImageError as exc:
+                log.warning("skipped %s: %s", path, exc)
+                continue
+            img.thumbnail((1024, 1024))  # training crops are 384 px: no need to hold 4K photos
+            photos.append((str(path), img))
+    return photos
+
+
 def _training_crop(rng: np.random.Generator, photo: Image.Image) -> Image.Image:
     """A random 4:3 crop (40-100 % of the largest one), maybe mirrored, at TRAIN_SHAPE_PX."""
     tw, th = TRAIN_SHAPE_PX
@@ -137,35 +161,58 @@ class Synthetic:
     kinds: list[str]
 
 
-def synthesize_set(rng: np.random.Generator, photos: list[Image.Image], n: int, clean_fraction: float, desc: str) -> Synthetic:
+def synthesize_set(rng: np.random.Generator, photos: list[Image.Image], n: int, clean_fraction: float, desc: str, workers: int = 2) -> Synthetic:
+    """``n`` synthetic images drawn in order from ``rng`` (so the set depends on the seed only), their
+    backbone features computed in ``workers`` threads (one torch thread each: the result of one image
+    does not depend on how many run at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     backbone = load_backbone()
-    images, feats, targets, labels, kinds = [], [], [], [], []
-    with torch.no_grad():
-        for _ in tqdm(range(n), desc=desc, unit="img", mininterval=1.0):
+
+    def features(img: Image.Image) -> torch.Tensor:
+        with torch.no_grad():
+            return backbone.features(to_tensor(img, max(TRAIN_SHAPE_PX)))[0].half()
+
+    images, targets, labels, kinds, feats = [], [], [], [], []
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=n, desc=desc, unit="img", mininterval=1.0) as bar:
+        pending = []
+        for _ in range(n):
             kind = None if rng.random() < clean_fraction else marks.random_kind(rng)
             img, coverage = marks.synthesize(rng, _training_crop(rng, photos[rng.integers(len(photos))]), kind)
-            f = backbone.features(to_tensor(img, max(TRAIN_SHAPE_PX)))
-            cells = F.adaptive_max_pool2d(torch.from_numpy(coverage > 0.3).float()[None, None], f.shape[-2:])[0, 0]
+            pending.append(pool.submit(features, img))
+            cells_hw = (math.ceil(img.height / 8), math.ceil(img.width / 8))
+            targets.append(F.adaptive_max_pool2d(torch.from_numpy(coverage > 0.3).float()[None, None], cells_hw)[0, 0])
             images.append(img)
-            feats.append(f[0].half())
-            targets.append(cells)
             labels.append(float(kind is not None))
             kinds.append(kind or "clean")
+        for future in pending:
+            feats.append(future.result())
+            bar.update(1)
     return Synthetic(images, torch.stack(feats), torch.stack(targets), torch.tensor(labels), kinds)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> tuple[np.ndarray, float]:
-    """Weights and bias of an L2-regularised logistic regression by Newton's method (a few features)."""
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 50) -> tuple[np.ndarray, float]:
+    """Weights and bias of an L2-regularised logistic regression by Newton's method (a few features),
+    monotone: a feature whose weight comes out negative is dropped and the rest refitted, since more
+    evidence of a mark must never lower P(watermark) (with ~100 calibration images, correlated signals
+    otherwise trade signs and one of them ends up penalised)."""
     mean, std = x.mean(0), x.std(0) + 1e-6
-    z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
-    w = np.zeros(z.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-z @ w))
-        grad = z.T @ (p - y) + l2 * np.r_[w[:-1], 0]
-        hess = (z * (p * (1 - p))[:, None]).T @ z + l2 * np.eye(len(w))
-        w -= np.linalg.solve(hess, grad)
+    active = np.ones(x.shape[1], dtype=bool)
+    while True:
+        z = np.hstack([((x - mean) / std)[:, active], np.ones((len(x), 1))])
+        w = np.zeros(z.shape[1])
+        for _ in range(iters):
+            p = 1 / (1 + np.exp(-np.clip(z @ w, -60, 60)))
+            grad = z.T @ (p - y) + l2 * np.r_[w[:-1], 0]
+            hess = (z * (p * (1 - p))[:, None]).T @ z + l2 * np.eye(len(w))
+            w -= np.linalg.solve(hess, grad)
+        if (w[:-1] >= 0).all() or active.sum() == 1:
+            break
+        active[np.flatnonzero(active)[np.argmin(w[:-1])]] = False
+    full = np.zeros(x.shape[1])
+    full[active] = np.maximum(w[:-1], 0)
     # Back to raw feature units, so the stored model is plain: p = sigmoid(x . coef + bias).
-    coef = w[:-1] / std
+    coef = full / std
     return coef, float(w[-1] - (coef * mean).sum())
 
 
@@ -182,10 +229,23 @@ def train(cfg: HeadTrainConfig, text_score, photos: list[Image.Image] | None = N
     """Train the head from ``cfg.seed`` and fit the combiner. ``text_score(img) -> float`` is the text
     detector as the watermark stage runs it. Returns (head state dict, meta). Same seed, same weights."""
     start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical on any machine; the backbone runs in two threads instead
+    try:
+        return _train(cfg, text_score, photos, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: HeadTrainConfig, text_score, photos: list[Image.Image] | None, start: float) -> tuple[dict[str, torch.Tensor], dict]:
     photos = photos if photos is not None else [img for _, img in bundled_photos()]
+    # Photos split, not crops: the combiner and its threshold are fitted on photos the head never saw, or
+    # the head's confidence on its own training photos sets a threshold real photos exceed.
+    cal_photos = photos[::CALIBRATION_EVERY] if len(photos) >= CALIBRATION_EVERY else photos
+    train_photos = [p for i, p in enumerate(photos) if i % CALIBRATION_EVERY] or photos
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data = synthesize_set(rng, photos, cfg.train_images, cfg.clean_fraction, "head training marks")
+    data = synthesize_set(rng, train_photos, cfg.train_images, cfg.clean_fraction, "head training marks")
     head = MaskHead(cfg.hidden_channels)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     order = torch.Generator().manual_seed(cfg.seed)
@@ -202,10 +262,10 @@ def train(cfg: HeadTrainConfig, text_score, photos: list[Image.Image] | None = N
         opt.step()
         for g in opt.param_groups:  # cosine decay: the last steps settle instead of jumping
             g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / cfg.steps))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     head.eval()
 
-    cal = synthesize_set(rng, photos, cfg.calibration_images, cfg.clean_fraction, "head calibration marks")
+    cal = synthesize_set(rng, cal_photos, cfg.calibration_images, cfg.clean_fraction, "head calibration marks")
     with torch.no_grad():
         s, lit = image_scores(head(cal.feats.float()), cfg.top_k)
     text = [text_score(img) for img in tqdm(cal.images, desc="head calibration text scores", unit="img", mininterval=1.0)]
@@ -276,18 +336,30 @@ class LoadedHead:
         return {"head_score": round(float(s[0]), 5), "head_lit_frac": round(float(lit[0]), 5)}
 
 
-def load(folder: Path | str) -> LoadedHead:
-    """The head in ``folder`` (head.safetensors + head.json), checked; a clear error naming the path otherwise."""
+def save_disabled(folder: Path | str) -> None:
+    """The head folder of ``enabled: false``: a head.json saying so, and no weights (an old file is removed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / HEAD_FILE).unlink(missing_ok=True)
+    write_json(folder / META_FILE, {"version": HEAD_VERSION, "enabled": False})
+
+
+def load(folder: Path | str) -> LoadedHead | None:
+    """The head in ``folder`` (head.safetensors + head.json), checked; None when it was made with
+    ``enabled: false``; a clear error naming the path otherwise."""
     folder = Path(folder)
     weights, meta_path = folder / HEAD_FILE, folder / META_FILE
-    how = "train it with `dvc repro watermark_head` (or set watermark.head: null to use the text detector alone)"
-    for path in (weights, meta_path):
-        if not path.is_file():
-            raise HeadError(f"watermark head not found: {path} ({how})")
+    how = "train it with `dvc repro watermark_head`, or set watermark_head.enabled: false to use the text detector alone"
+    if not meta_path.is_file():
+        raise HeadError(f"watermark head not found: {meta_path} ({how})")
     try:
         meta = json.loads(meta_path.read_text())
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
+        if meta.get("enabled") is False and meta.get("version") == HEAD_VERSION:
+            return None
+        if not weights.is_file():
+            raise HeadError(f"watermark head not found: {weights} ({how})")
         if meta.get("version") != HEAD_VERSION:
             raise ValueError(f"head version {meta.get('version')!r}, this code reads version {HEAD_VERSION}")
         cfg = HeadTrainConfig(**meta["config"])
