@@ -102,13 +102,13 @@ def test_a_disabled_head_leaves_the_text_detector_alone(tmp_path):
 
 
 def test_a_planted_mark_is_found_and_the_clean_photo_kept(head_dir, tmp_path):
-    """A logo (no letters: the text detector alone misses it) and a text credit, planted in a held-out
-    photo with the evaluation's compositor, are rejected by the head; the clean photo is kept."""
+    """A tiled logo (no letters: the text detector alone misses it) and a text credit, planted in a photo
+    with the evaluation's compositor, are rejected, the logo by the head; the clean photo is kept."""
     photo = Image.fromarray(skimage.data.coffee()).resize((480, 320), Image.LANCZOS)  # not a training crop size
     folder = tmp_path / "photos"
     folder.mkdir()
     photo.save(folder / "clean.jpg", quality=90)
-    logo = Stamp(kind="logo", placement="centre", opacity=0.5, size_frac=0.4, colour="white", outline=True, shape="ring-star")
+    logo = Stamp(kind="logo", placement="tiled", opacity=0.5, size_frac=0.15, colour="white", outline=True, shape="ring-star", angle=30.0)
     text = Stamp(kind="text", placement="corner", opacity=0.5, size_frac=0.07, colour="white", outline=False, font="DejaVuSans-Bold",
                  text="© STOCKPHOTO", corner="bottom-right")
     stamp(photo, logo).save(folder / "logo.jpg", quality=90)
