@@ -102,9 +102,8 @@ def make_project(dest: Path, params: dict | None = None, sample: bool = True) ->
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.check_update", "false"], dest)
-    # The learned watermark head trains for about a minute; these pipelines test the DAG, so they skip it
-    # (watermark_head then writes a marker in a second; tests/test_watermark_head.py tests the head itself).
-    set_params(dest / "params.yaml", {"watermark_head": {"enabled": False}, **(params or {})})
+    if params:
+        set_params(dest / "params.yaml", params)
     if sample:
         build_project_sample(dest)
     return dest

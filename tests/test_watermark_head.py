@@ -97,7 +97,8 @@ def test_missing_or_corrupt_head_is_a_clear_error_naming_the_path(head_dir, tmp_
 
 
 def test_a_disabled_head_leaves_the_text_detector_alone(tmp_path):
-    wmhead.save_disabled(tmp_path / "off")
+    """params.yaml's default (enabled: false): the stage writes a marker at once, and loading it gives no head."""
+    run([sys.executable, "-m", "stages.watermark_head", "--out", str(tmp_path / "off"), "--params", str(ROOT / "params.yaml")], cwd=ROOT)
     assert wmhead.load(tmp_path / "off") is None and not (tmp_path / "off" / wmhead.HEAD_FILE).exists()
 
 
