@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> None:
         raise cli.StageError(str(exc)) from None
     write_parquet(args.out, frame)
     cascade = f"; {counts['uncertain']} uncertain, CLIP embedded {counts['clip_embedded']}, VLM asked about {counts['vlm_asked']}" if cfg.cascade_on else ""
-    head = f"; the learned head on {counts['headed']}" if args.head else ""
+    head = "" if not args.head else f"; the learned head on {counts['headed']}" if counts["head_on"] else "; no learned head (watermark_head.enabled is false)"
     log.info("ran the text detector on %d images%s (the rest were memoised)%s\n%s", counts["detected"], head, cascade, summarize(frame))
 
 

@@ -389,7 +389,7 @@ def run_cascade(
             if head is not None:
                 decisions[row.sha256] = decide_with_head(decisions[row.sha256], head_scores[row.sha256], head, cfg)
     band = [sha for sha, d in decisions.items() if uncertain(d["score"], cfg)]
-    counts = {"detected": detected, "headed": headed, "uncertain": len(band), "clip_embedded": 0, "vlm_asked": 0}
+    counts = {"detected": detected, "headed": headed, "head_on": int(head is not None), "uncertain": len(band), "clip_embedded": 0, "vlm_asked": 0}
 
     to_vlm = band
     if embedder is not None and band:
