@@ -95,3 +95,8 @@ push: install  ## dvc push, then data/cache/<px>, runs/*/state.safetensors and r
 
 pull: install  ## dvc pull, then the uncached outputs this commit's dvc.lock names (only those absent here)
 	python -m stagewise.remote pull $(if $(REMOTE),-r $(REMOTE))
+
+# --- Watermark evaluation: held-out clean photos from Debian wallpaper packages (README "Learned watermark head")
+.PHONY: eval-photos
+eval-photos:  ## fetch Debian wallpapers/photos into data/eval_photos (git-ignored) for benchmarks/watermark_eval.py
+	python benchmarks/fetch_eval_photos.py --out data/eval_photos

@@ -28,12 +28,14 @@ def main(args: argparse.Namespace) -> None:
         frame, counts = run_cascade(
             manifest, cfg, Path(args.store),
             clip_store=args.clip_store and Path(args.clip_store), vlm_store=args.vlm_store and Path(args.vlm_store),
+            head_dir=args.head and Path(args.head),
         )
     except FileNotFoundError as exc:
         raise cli.StageError(str(exc)) from None
     write_parquet(args.out, frame)
     cascade = f"; {counts['uncertain']} uncertain, CLIP embedded {counts['clip_embedded']}, VLM asked about {counts['vlm_asked']}" if cfg.cascade_on else ""
-    log.info("ran the text detector on %d images (the rest were memoised)%s\n%s", counts["detected"], cascade, summarize(frame))
+    head = "" if not args.head else f"; the learned head on {counts['headed']}" if counts["head_on"] else "; no learned head (watermark_head.enabled is false)"
+    log.info("ran the text detector on %d images%s (the rest were memoised)%s\n%s", counts["detected"], head, cascade, summarize(frame))
 
 
 if __name__ == "__main__":
@@ -41,6 +43,8 @@ if __name__ == "__main__":
     parser.add_argument("--manifest", required=True, help="ingest's manifest Parquet; only its `kept` rows are scored")
     parser.add_argument("--out", required=True, help="Parquet file to write (one row per kept image)")
     parser.add_argument("--store", required=True, help="folder of memoised detector boxes (safe to delete)")
+    parser.add_argument("--head", help="folder with the learned head (head.safetensors + head.json, from the watermark_head stage); "
+                        "without it the text detector decides alone")
     parser.add_argument("--clip-store", help="folder of memoised CLIP embeddings, shared with near_dup (default: STORE/clip)")
     parser.add_argument("--vlm-store", help="folder of memoised VLM answers, may be shared with vlm_filter (default: STORE/vlm)")
     cli.run(main, parser)

@@ -49,7 +49,7 @@ def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 # user's input folders, stagewise.domains.DataConfig). A key outside this
 # list is a misspelling (``trian:``) that would otherwise be silently ignored while the stage ran on its
 # defaults; every stage entry point rejects it (``check_sections``, called by ``stagewise.cli.run``).
-SECTIONS = ("data", "sample", "ingest", "align", "watermark", "near_dup", "vlm_filter", "caption", "codec", "cache", "model", "train", "diffusion", "swap", "report", "cluster")
+SECTIONS = ("data", "sample", "ingest", "align", "watermark", "watermark_head", "near_dup", "vlm_filter", "caption", "codec", "cache", "model", "train", "diffusion", "swap", "report", "cluster")
 
 
 def check_sections(path: Path | str = DEFAULT_PARAMS, sections: tuple[str, ...] = SECTIONS) -> None:

@@ -65,10 +65,23 @@ def opacity_bucket(opacity: float) -> str:
     return "other"
 
 
+# Fonts the caller adds (``add_fonts``): the watermark benchmark adds system fonts it installed for itself,
+# to judge the learned head on font families it was never trained on. Empty unless someone adds to it.
+EXTRA_FONTS: dict[str, Path] = {}
+
+
+def add_fonts(paths) -> None:
+    """Draw also with these TTF/OTF files (named by file stem)."""
+    for path in paths:
+        EXTRA_FONTS[Path(path).stem] = Path(path)
+    available_fonts.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def available_fonts() -> dict[str, Path | None]:
-    """Font name -> TTF path (None: Pillow's built-in scalable font). Only fonts inside installed packages."""
-    fonts: dict[str, Path | None] = {"pillow-default": None}
+    """Font name -> TTF path (None: Pillow's built-in scalable font). Only fonts inside installed packages,
+    plus any ``add_fonts`` added."""
+    fonts: dict[str, Path | None] = {"pillow-default": None, **EXTRA_FONTS}
     try:
         import matplotlib
 

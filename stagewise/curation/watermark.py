@@ -51,9 +51,10 @@ DECIDED_BY_DETECTOR = "text detector"
 DECIDED_BY_CLIP = "clip"
 DECIDED_BY_VLM = "vlm"
 DECIDED_BY_DECODE = "decode"
+DECIDED_BY_HEAD = "watermark head"
 COLUMNS = [
     "path", "domain", "sha256", "status", "reason", "score", "text_area_frac", "max_confidence", "n_boxes", "n_ignored_boxes",
-    "clip_p", "vlm_answers", "decided_by",
+    "head_score", "head_lit_frac", "head_p", "clip_p", "vlm_answers", "decided_by",
 ]
 WATERMARK_QUESTION = "Is there a watermark, logo or text overlay?"
 
@@ -127,6 +128,10 @@ class WatermarkConfig(Section):
     # and most text stamps the detector sees faintly are in it; ~16 % of all its images go on to CLIP.
     band_low: float = Field(0.005, ge=0, le=1, description="text scores below this are kept by the text detector")
     band_high: float = Field(0.05, ge=0, le=1, description="text scores at or above this are rejected by the text detector")
+    # With a learned head (the stage's --head folder, made by the watermark_head stage) its calibrated
+    # combiner of head and text scores decides instead of `threshold`; null: the threshold the head was
+    # calibrated with (the lowest that keeps 98 % of its synthetic clean calibration images).
+    head_threshold: float | None = Field(None, gt=0, lt=1, description="reject when the head's combined P(watermark) is above this; null: the head's own")
     clip: ClipStep | None = Field(None, description="CLIP zero-shot for band images; null: no CLIP step")
     vlm: VlmStep | None = Field(None, description="vision-language model for band images CLIP left open; null (or model null): no VLM step")
 
@@ -270,6 +275,18 @@ def score_boxes(boxes: list[list[float]], width_px: int, height_px: int, min_lin
     return TextScore(min(score, 1.0), min(covered, 1.0), max_conf, lines, ignored)
 
 
+def text_scorer(cfg: WatermarkConfig, model_path: Path | None = None):
+    """``score(img) -> float``: the text score the stage computes for an image (one detector session, one
+    thread); the watermark head's combiner is calibrated with it."""
+    detector = TextDetector(cfg, model_path, threads=1)
+
+    def score(img: Image.Image) -> float:
+        prepared = detector.prepare(img)
+        return score_boxes(detector.detect(prepared), prepared.width, prepared.height, cfg.min_line_aspect).score
+
+    return score
+
+
 def decide(memo: dict, cfg: WatermarkConfig) -> dict:
     """Status, reason and score columns from memoised boxes, decided by the text detector alone."""
     s = score_boxes(json.loads(memo["boxes"]), int(memo["input_width"]), int(memo["input_height"]), cfg.min_line_aspect)
@@ -278,8 +295,22 @@ def decide(memo: dict, cfg: WatermarkConfig) -> dict:
     return {
         "status": "rejected" if rejected else "kept", "reason": reason, "score": s.score, "text_area_frac": s.text_area_frac,
         "max_confidence": s.max_confidence, "n_boxes": s.n_boxes, "n_ignored_boxes": s.n_ignored_boxes,
+        "head_score": math.nan, "head_lit_frac": math.nan, "head_p": math.nan,
         "clip_p": math.nan, "vlm_answers": "", "decided_by": DECIDED_BY_DETECTOR,
     }
+
+
+def decide_with_head(decision: dict, scores: dict, head, cfg: WatermarkConfig) -> dict:
+    """The head's combiner (head score, lit share, text score) on top of the text detector's decision: an
+    image the text detector rejects stays rejected (its threshold was chosen on real photos; the
+    combiner's on synthetic ones), and the head adds the marks the text detector does not see."""
+    p = head.probability(float(scores["head_score"]), float(scores["head_lit_frac"]), decision["score"])
+    threshold = cfg.head_threshold if cfg.head_threshold is not None else float(head.meta["threshold"])
+    out = {**decision, "head_score": float(scores["head_score"]), "head_lit_frac": float(scores["head_lit_frac"]), "head_p": p}
+    if decision["status"] == "rejected" or p <= threshold:
+        return out
+    reason = f"watermark: learned head P={p:.3f} > {threshold:.3f} (head score {float(scores['head_score']):.2f}, text score {decision['score']:.3f})"
+    return {**out, "status": "rejected", "reason": reason, "decided_by": DECIDED_BY_HEAD}
 
 
 def uncertain(score: float, cfg: WatermarkConfig) -> bool:
@@ -312,38 +343,52 @@ def vlm_decision(answers: dict[str, str], score: float, p: float, cfg: Watermark
 
 def score_images(
     manifest: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_path: Path | None = None,
-    clip_store: Path | None = None, vlm_store: Path | None = None,
+    clip_store: Path | None = None, vlm_store: Path | None = None, head_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """One row per manifest-kept image, kept or rejected with a reason; and how many images went through
     the detector (the rest were memoised). See ``run_cascade`` for the arguments and the other counts."""
-    frame, counts = run_cascade(manifest, cfg, store_dir, model_path, clip_store, vlm_store)
+    frame, counts = run_cascade(manifest, cfg, store_dir, model_path, clip_store, vlm_store, head_dir)
     return frame, counts["detected"]
 
 
 def run_cascade(
     manifest: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_path: Path | None = None,
-    clip_store: Path | None = None, vlm_store: Path | None = None,
+    clip_store: Path | None = None, vlm_store: Path | None = None, head_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """One row per manifest-kept image, kept or rejected with a reason naming the deciding step; and this
     run's counts: ``detected`` (images the text detector ran on), ``uncertain`` (in the band),
     ``clip_embedded`` and ``vlm_asked`` (images those models ran on; the rest were memoised).
 
     CLIP embeddings are memoised in ``clip_store`` (default ``store_dir/clip``; the stage shares one with
-    near_dup), VLM answers in ``vlm_store`` (default ``store_dir/vlm``)."""
+    near_dup), VLM answers in ``vlm_store`` (default ``store_dir/vlm``). With ``head_dir`` (a folder made by
+    the watermark_head stage) the learned head's scores are memoised in ``store_dir/head`` by content hash
+    + the head's model hash, and its combiner decides (``headed`` counts the images it ran on); the
+    cascade, when configured, still refines images whose text score is in the band."""
     kept = manifest[manifest["status"] == "kept"]
     model_path = checked_model_path(model_path)
     # Locate the cascade's models first: a missing one fails in a second, not after the detector's hour.
     embedder = Embedder(cfg.clip, Path(clip_store or Path(store_dir) / "clip"), "watermark.clip") if cfg.clip is not None else None
     if cfg.vlm_on:
         locate_vlm(cfg.vlm.model, section="watermark.vlm", revision=cfg.vlm.revision)
+    head = None
+    if head_dir is not None:
+        from stagewise.curation import wmhead
+
+        head = wmhead.load(head_dir)  # before any detector work: a missing head fails at once, naming its path
     memo, errors, detected = detect_new(kept, cfg, Path(store_dir), model_path)
+    head_scores, headed = {}, 0
+    if head is not None:
+        head_scores, head_errors, headed = score_with_head(kept, cfg, head, Path(store_dir) / "head")
+        errors.update(head_errors)
 
     decisions: dict[str, dict] = {}
     for row in kept.drop_duplicates("sha256").itertuples(index=False):
         if row.sha256 not in errors:
             decisions[row.sha256] = decide(memo[row.sha256], cfg)
+            if head is not None:
+                decisions[row.sha256] = decide_with_head(decisions[row.sha256], head_scores[row.sha256], head, cfg)
     band = [sha for sha, d in decisions.items() if uncertain(d["score"], cfg)]
-    counts = {"detected": detected, "uncertain": len(band), "clip_embedded": 0, "vlm_asked": 0}
+    counts = {"detected": detected, "headed": headed, "head_on": int(head is not None), "uncertain": len(band), "clip_embedded": 0, "vlm_asked": 0}
 
     to_vlm = band
     if embedder is not None and band:
@@ -375,12 +420,14 @@ def run_cascade(
         base = {"path": row.path, "domain": row.domain, "sha256": row.sha256}
         if row.sha256 in errors:
             rows.append({**base, "status": "rejected", "reason": errors[row.sha256], "score": math.nan, "text_area_frac": math.nan,
-                         "max_confidence": math.nan, "n_boxes": 0, "n_ignored_boxes": 0, "clip_p": math.nan, "vlm_answers": "",
+                         "max_confidence": math.nan, "n_boxes": 0, "n_ignored_boxes": 0, "head_score": math.nan, "head_lit_frac": math.nan,
+                         "head_p": math.nan, "clip_p": math.nan, "vlm_answers": "",
                          "decided_by": DECIDED_BY_DECODE})
         else:
             rows.append({**base, **decisions[row.sha256]})
     frame = pd.DataFrame(rows, columns=COLUMNS).astype(
-        {"score": "float64", "text_area_frac": "float64", "max_confidence": "float64", "n_boxes": "int64", "n_ignored_boxes": "int64", "clip_p": "float64"}
+        {"score": "float64", "text_area_frac": "float64", "max_confidence": "float64", "n_boxes": "int64", "n_ignored_boxes": "int64",
+         "head_score": "float64", "head_lit_frac": "float64", "head_p": "float64", "clip_p": "float64"}
     )
     return frame, counts
 
@@ -400,6 +447,26 @@ def detect_new(kept: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_
         return {"input_width": img.width, "input_height": img.height, "boxes": json.dumps(local.detector.detect(img))}
 
     result = memo_map(kept, ResultStore(store_dir, detector_fingerprint(cfg, model_path)), detect, workers=cfg.workers, desc="watermark")
+    return result.values, result.errors, result.computed
+
+
+def score_with_head(kept: pd.DataFrame, cfg: WatermarkConfig, head, store_dir: Path) -> tuple[dict, dict[str, str], int]:
+    """The learned head's (head_score, head_lit_frac) for every kept image, computing only images not
+    memoised under this head's model hash. A pure function of (image, head) per row, like the detector's."""
+    from stagewise.curation.wmhead import HEAD_VERSION
+
+    def score(row) -> dict:
+        return head.score_image(load_verified(row.path, row.sha256, cfg.max_pixels))
+
+    import torch
+
+    store = ResultStore(store_dir, fingerprint("watermark-head-scores", HEAD_VERSION, head.model_hash))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_for(cfg))  # workers x threads = cores: oversubscribed torch threads crawl
+    try:
+        result = memo_map(kept, store, score, workers=cfg.workers, desc="watermark head")
+    finally:
+        torch.set_num_threads(threads)
     return result.values, result.errors, result.computed
 
 
