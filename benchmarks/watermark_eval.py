@@ -46,7 +46,7 @@ from stagewise.config import load_section, parse_section, read_params  # noqa: E
 from stagewise.curation import stamp as stamps  # noqa: E402
 from stagewise.curation.ingest import IngestConfig, ingest  # noqa: E402
 from stagewise.curation.stamp import KINDS, OPACITY_BUCKETS, PLACEMENTS, Stamp, opacity_bucket, random_stamp, stamp  # noqa: E402
-from stagewise.curation.watermark import WatermarkConfig, score_images  # noqa: E402
+from stagewise.curation.watermark import WatermarkConfig  # noqa: E402
 
 DREAMBOOTH = ROOT.parent / "shared" / "datasets" / "dreambooth"
 EVAL_PHOTOS = ROOT / "data" / "eval_photos"

@@ -21,7 +21,7 @@ from stagewise.curation.watermark import DECIDED_BY_HEAD, WatermarkConfig, run_c
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small enough for the default suite (a few seconds per training), big enough to find a clear mark.
-SMALL = {"train_images": 96, "calibration_images": 48, "steps": 150}
+SMALL = {"train_images": 64, "calibration_images": 32, "steps": 120}
 TINY = {"train_images": 8, "calibration_images": 8, "steps": 5}
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

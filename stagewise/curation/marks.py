@@ -149,7 +149,7 @@ def _signature_tile(rng: np.random.Generator, height_px: int) -> Image.Image:
 
 
 def _place(coverage: Image.Image, tile: Image.Image, xy: tuple[int, int]) -> None:
-    coverage.paste(Image.new("L", tile.size, 255), xy, tile)  # lighten-like: max with what is there via mask
+    coverage.paste(Image.new("L", tile.size, 255), xy, tile)  # full ink through the tile as a mask: overlaps only add ink
 
 
 def _positions(rng: np.random.Generator, size: tuple[int, int], tile: tuple[int, int], where: str) -> list[tuple[int, int]]:
