@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,15 +102,31 @@ def stepper(trainer: StageTrainer) -> StageTrainer:
 S64 = {"parent": "init", "resolution_px": 64, "length_kimg": 0.016}
 
 
+@pytest.fixture(scope="module")
+def trained_s64(tmp_path_factory, caches) -> Path:
+    """runs/s64 (the parent of the growth tests), trained once for the module."""
+    cfg, _ = caches
+    folder = tmp_path_factory.mktemp("s64")
+    codec = load_codec(cfg)
+    net = init_model(ModelConfig(**TINY_MODEL), codec.channels, codec.factor)
+    ckpt.save_model(folder / "runs" / "init", net, {"stage": "init", "codec_id": codec.id, "config": {}})
+    run_stage(job(folder, caches, "s64", recipe(s64=S64)))
+    return folder / "runs" / "s64"
+
+
+def with_s64(project: Path, trained_s64: Path) -> None:
+    shutil.copytree(trained_s64, project / "runs" / "s64", ignore=shutil.ignore_patterns("backups"))
+
+
 # ------------------------------------------------------------------------------------------- fade-in
 
 
-def test_fade_in_reads_real_half_size_latents_and_ramps_with_kimg(project, caches):
+def test_fade_in_reads_real_half_size_latents_and_ramps_with_kimg(project, caches, trained_s64):
     """At fade 0 the grown model is its parent: the new level gets no gradient, and the parent's input block
     reads the half-size cache's latents of the same images (not a pooled latent); the fade then ramps as a
     pure function of images seen. Forcing model.fade = 1.0 (or a wrong ramp) turns this red."""
     train = recipe(s64=S64, s128={"parent": "s64", "resolution_px": 128, "length_kimg": 0.032, "fade_in_kimg": 0.016, "random_warp": False, "warp": {"affine": False}})
-    run_stage(job(project, caches, "s64", train))
+    with_s64(project, trained_s64)
     trainer = stepper(StageTrainer(job(project, caches, "s128", train)))
     model, data = trainer.model, trainer.data
     assert data.has_half
@@ -138,10 +155,10 @@ def test_fade_in_reads_real_half_size_latents_and_ramps_with_kimg(project, cache
     assert all(g is not None and g.any() for g in later.values())  # fully in: the new level trains
 
 
-def test_fade_in_on_a_latent_codec_needs_the_half_size_cache(project, caches):
+def test_fade_in_on_a_latent_codec_needs_the_half_size_cache(project, caches, trained_s64):
     cfg, root = caches
     train = recipe(s64=S64, s128={"parent": "s64", "resolution_px": 128, "length_kimg": 0.016, "fade_in_kimg": 0.008})
-    run_stage(job(project, caches, "s64", train))
+    with_s64(project, trained_s64)
     plain = StageJob("s128", train, cfg, project / "runs" / "s64", root / "128", project / "runs" / "s128", project / "runs" / "s128" / "backups", progress=False)
     with pytest.raises(Exception, match=r"train.stages.s128.fade_in_kimg: .*real latents of the half-size images"):
         StageTrainer(plain)
@@ -150,9 +167,9 @@ def test_fade_in_on_a_latent_codec_needs_the_half_size_cache(project, caches):
 # ------------------------------------------------------------------------------------------- freeze
 
 
-def test_freeze_old_keeps_the_parent_bit_identical_through_growth(project, caches):
+def test_freeze_old_keeps_the_parent_bit_identical_through_growth(project, caches, trained_s64):
     train = recipe(s64=S64, s128={"parent": "s64", "resolution_px": 128, "length_kimg": 0.024, "freeze": ["old"], "fade_in_kimg": 0.008})
-    run_stage(job(project, caches, "s64", train))
+    with_s64(project, trained_s64)
     run_stage(job(project, caches, "s128", train))
     parent, child = (load_file(str(project / "runs" / s / ckpt.MODEL_FILE)) for s in ("s64", "s128"))
     assert set(parent) < set(child)
