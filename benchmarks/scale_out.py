@@ -10,7 +10,9 @@ outputs of every run are compared byte for byte with the local one. Then the no-
 full, the same two steps with `cluster.engine: dask` (the cluster is only started when there is something
 to compute, so the figure is the lookup) against local.
 
-On a shared machine the figures are indicative: the load average is printed before and after. DDP
+On a shared machine the figures are indicative: the load average is printed before and after (and with
+Linux's sched_autogroup on, a LocalCluster's workers share their session's CPU share when other sessions
+are busy, so the speed-up only shows on an otherwise idle machine). DDP
 figures (training under torchrun) are the ddp engineer's: benchmarks/ddp_throughput.py; `--ddp` runs it
 after this when it exists.
 
@@ -51,6 +53,16 @@ DREAMBOOTH = ROOT.parent / "shared" / "datasets" / "dreambooth"
 
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def autogroup_note() -> str:
+    """Linux's autogroup shares the CPU per session, not per process: on a busy machine, workers started from
+    this session (a LocalCluster) get this session's share between them, so adding workers cannot help."""
+    try:
+        on = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return ""
+    return "; sched_autogroup is on: under other sessions' load the workers share this session's CPU share" if on else ""
 
 
 def images(work: Path, total: int) -> dict[str, Path]:
@@ -112,7 +124,7 @@ def main() -> None:
         manifest = manifest[manifest["status"] == "kept"].reset_index(drop=True)
         dataset = manifest.assign(caption="a photo")
         print(f"{len(manifest)} images (dreambooth photos first, then generated 512 px ones); cache at {args.cache_px} px with flips; "
-              f"shards of {args.shard_images} images; load average before: {load_average()} on {os.cpu_count()} cores")
+              f"shards of {args.shard_images} images; load average before: {load_average()} on {os.cpu_count()} cores{autogroup_note()}")
 
         runs = {"local 1 thread": None, "dask 1 worker x 1 thread": 1, "dask 2 workers x 1 thread": 2}
         clusters = {}
