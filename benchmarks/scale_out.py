@@ -10,12 +10,15 @@ outputs of every run are compared byte for byte with the local one. Then the no-
 full, the same two steps with `cluster.engine: dask` (the cluster is only started when there is something
 to compute, so the figure is the lookup) against local.
 
-On a shared machine the figures are indicative: the load average is printed before and after. DDP
+On a shared machine the figures are indicative: the load average is printed before and after (and with
+Linux's sched_autogroup on, a LocalCluster's workers share their session's CPU share when other sessions
+are busy, so the speed-up only shows on an otherwise idle machine). DDP
 figures (training under torchrun) are the ddp engineer's: benchmarks/ddp_throughput.py; `--ddp` runs it
 after this when it exists.
 
     .venv/bin/python benchmarks/scale_out.py                      # 64 images, cache at 128 px
     .venv/bin/python benchmarks/scale_out.py --images 128 --cache-px 256
+    .venv/bin/python benchmarks/scale_out.py --sessions             # workers as `make cluster` starts them
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # flows.local_cluster for --sessions
 
 from harness.faults import make_good  # noqa: E402
 from stagewise.cache import CacheConfig, update_cache  # noqa: E402
@@ -51,6 +55,16 @@ DREAMBOOTH = ROOT.parent / "shared" / "datasets" / "dreambooth"
 
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def autogroup_note() -> str:
+    """Linux's autogroup shares the CPU per session, not per process: on a busy machine, workers started from
+    this session (a LocalCluster) get this session's share between them, so adding workers cannot help."""
+    try:
+        on = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return ""
+    return "; sched_autogroup is on: under other sessions' load the workers share this session's CPU share" if on else ""
 
 
 def images(work: Path, total: int) -> dict[str, Path]:
@@ -68,6 +82,14 @@ def images(work: Path, total: int) -> dict[str, Path]:
     if (work / "pad").exists():
         domains["b"] = work / "pad"
     return domains
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def watermark(manifest, store: Path, out: Path) -> int:
@@ -98,6 +120,7 @@ def main() -> None:
     parser.add_argument("--cache-px", type=int, default=128, help="cache resolution (default: %(default)s)")
     parser.add_argument("--shard-images", type=int, default=8, help="cluster.shard_images (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each configuration, alternating; best of (default: %(default)s)")
+    parser.add_argument("--sessions", action="store_true", help="run the workers as `make cluster` does (flows.local_cluster: a scheduler and workers, each in its own session) instead of a LocalCluster of this process")
     parser.add_argument("--ddp", action="store_true", help="then run benchmarks/ddp_throughput.py (the DDP figures) if it exists")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -112,14 +135,27 @@ def main() -> None:
         manifest = manifest[manifest["status"] == "kept"].reset_index(drop=True)
         dataset = manifest.assign(caption="a photo")
         print(f"{len(manifest)} images (dreambooth photos first, then generated 512 px ones); cache at {args.cache_px} px with flips; "
-              f"shards of {args.shard_images} images; load average before: {load_average()} on {os.cpu_count()} cores")
+              f"shards of {args.shard_images} images; load average before: {load_average()} on {os.cpu_count()} cores{autogroup_note()}")
 
         runs = {"local 1 thread": None, "dask 1 worker x 1 thread": 1, "dask 2 workers x 1 thread": 2}
         clusters = {}
+        homes = []
         for name, workers in runs.items():  # started before the clock, kept for every repeat
             if workers:
-                clusters[name] = Cluster(ClusterConfig(engine="dask", workers=workers, threads_per_worker=1, shard_images=args.shard_images))
+                address = None
+                if args.sessions:  # `make cluster`'s processes: each worker in its own session
+                    from flows import local_cluster
+
+                    home, port = work / f"dask-{workers}", free_port()
+                    local_cluster.start(home, "127.0.0.1", port, workers, 1)
+                    homes.append(home)
+                    address = f"tcp://127.0.0.1:{port}"
+                clusters[name] = Cluster(ClusterConfig(engine="dask", address=address, workers=workers, threads_per_worker=1,
+                                                       shard_images=args.shard_images, connect_timeout_s=60))
                 start, _ = timed(lambda: clusters[name].client() and 0)
+                if address:
+                    client = clusters[name].client()
+                    client.wait_for_workers(workers, timeout=120)
                 print(f"  {name}: cluster start {start:.1f} s")
         best: dict[str, list[float]] = {name: [0.0, 0.0] for name in runs}
         try:
@@ -134,6 +170,10 @@ def main() -> None:
         finally:
             for cluster in clusters.values():
                 cluster.close()
+            for home in homes:
+                from flows import local_cluster
+
+                local_cluster.stop(home)
         rows = [(name, *best[name], work / f"{name.replace(' ', '_')}-{args.repeat - 1}") for name in runs]
 
         base = rows[0]

@@ -40,7 +40,7 @@ from PIL import Image
 from stagewise.images import ImageError, center_square, decode, read_file
 from stagewise.io import remove_partial_writes
 from stagewise.latents import SHARD_GLOB, ShardWriter, needs_relayout, read_index, shard_number, to_bytes, write_shard
-from stagewise.store import prefetched
+from stagewise.store import prefetched, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +397,6 @@ def _encode_shard(job: _EncodeJob, shard: list[list[Unit]]) -> list[list]:
     codec = job.codec.to(device)
     job = _EncodeJob(codec, job.resolution, job.batch_size, job.workers, job.device, job.torch_threads)
     out = []
-    for _, loaded in prefetched(iter(shard), lambda u: load_unit(u, job.resolution), job.workers):
+    for _, loaded in prefetched(iter(shard), lambda u: load_unit(u, job.resolution), job.workers, pool=worker_pool(job.workers)):
         out.append([x if isinstance(x, str) else [latent.half() for latent in x] for x in _encode_loaded(job, loaded, device)])
     return out

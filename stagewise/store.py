@@ -14,6 +14,7 @@ store's) and a load / batch function; ``Lazy`` builds its model once, on first n
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -206,10 +207,11 @@ class _Job:
     desc: str
 
 
-def _compute(job: _Job, todo: list, store: ResultStore, values: dict, errors: dict, advance: Callable[[int], None]) -> None:
+def _compute(job: _Job, todo: list, store: ResultStore, values: dict, errors: dict, advance: Callable[[int], None],
+             pool: ThreadPoolExecutor | None = None) -> None:
     """Load and compute ``todo`` in batches, adding each result to ``store`` as it comes."""
     batches = (todo[start:start + job.batch_size] for start in range(0, len(todo), job.batch_size))
-    for batch, loaded in prefetched(batches, functools.partial(_guarded, job.load), job.workers):
+    for batch, loaded in prefetched(batches, functools.partial(_guarded, job.load), job.workers, pool=pool):
         good = [(row, item) for row, item in zip(batch, loaded) if not isinstance(item, Unreadable)]
         errors.update({row.sha256: item.reason for row, item in zip(batch, loaded) if isinstance(item, Unreadable)})
         if good:
@@ -229,7 +231,7 @@ def _compute_shard(job: _Job, shard: list) -> tuple[dict[str, dict[str, Any]], d
     values: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     try:
-        _compute(job, shard, store, values, errors, lambda n: None)
+        _compute(job, shard, store, values, errors, lambda n: None, pool=worker_pool(job.workers))
     finally:  # a failure keeps what was finished
         store.flush()
     return values, errors
@@ -242,9 +244,13 @@ def _guarded(load: Callable[[R], L], row: R) -> L | Unreadable:
         return Unreadable(str(exc))
 
 
-def prefetched(batches: Iterable[list[T]], load: Callable[[T], L], workers: int, ahead: int = 2) -> Iterator[tuple[list[T], list[L]]]:
-    """Yield (batch, its loaded items) in order while the next ``ahead`` batches load in threads."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
+def prefetched(
+    batches: Iterable[list[T]], load: Callable[[T], L], workers: int, ahead: int = 2, pool: ThreadPoolExecutor | None = None,
+) -> Iterator[tuple[list[T], list[L]]]:
+    """Yield (batch, its loaded items) in order while the next ``ahead`` batches load in threads: a pool
+    of ``workers`` made for the call, or ``pool`` (kept: a cluster worker's, see ``worker_pool``)."""
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="prefetch")
     pending: deque[tuple[list[T], list[Future]]] = deque()
     try:
         for batch in batches:
@@ -256,7 +262,27 @@ def prefetched(batches: Iterable[list[T]], load: Callable[[T], L], workers: int,
             done, futures = pending.popleft()
             yield done, [f.result() for f in futures]
     finally:  # also on an exception in the consumer: drop what has not started
-        pool.shutdown(wait=True, cancel_futures=True)
+        if own:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            left = [f for _, futures in pending for f in futures]
+            for future in left:
+                future.cancel()
+            concurrent.futures.wait(left)
+
+
+_WORKER_POOLS: dict[int, ThreadPoolExecutor] = {}
+_WORKER_POOLS_LOCK = threading.Lock()
+
+
+def worker_pool(workers: int) -> ThreadPoolExecutor:
+    """One decoding pool per size for the life of a cluster worker process: its threads outlive a shard,
+    so what a step keeps per thread (``ThreadLocal``: a text detector session) is built once per worker,
+    not once per shard."""
+    with _WORKER_POOLS_LOCK:
+        if workers not in _WORKER_POOLS:
+            _WORKER_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="shard-prefetch")
+        return _WORKER_POOLS[workers]
 
 
 class Lazy(Generic[T]):
