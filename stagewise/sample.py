@@ -3,7 +3,8 @@
 A is scikit-image's astronaut (Eileen Collins), B is matplotlib's grace_hopper.jpg. Each clean crop
 varies scale, offset, a small rotation and colour, like a face set extracted from video. Deliberate
 defects exercise curation: three watermarked copies, a truncated JPEG, a zero-byte file, a text file
-named .jpg, an exact duplicate and an image below the minimum size. Deterministic for a seed.
+named .jpg, an exact duplicate and an image below the minimum size. ``a_unseen/`` and ``b_unseen/`` hold
+crops no stage trains on (outside the domain folders): the swap stage's new frames. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SampleConfig(Section):
     jpeg_quality: int = 92
     watermark_opacity: float = 0.55  # semi-transparent, as stock-photo stamps are
     small_px: int = 40  # the too-small defect; below ingest's default min_side_px of 64
+    unseen_per_domain: int = 4  # crops in <out>/<domain>_unseen/, outside the domain folders: new frames for the swap stage
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,11 @@ def build_sample(out: Path, cfg: SampleConfig) -> dict[str, list[str]]:
     # Sidecar captions, which the caption stage prefers over its template.
     write_text(out / "a/a_000.txt", "a photo of an astronaut in a white spacesuit, american flag behind her\n")
     write_text(out / "b/b_000.caption", "a portrait of an older woman in a naval uniform and glasses\n")
+
+    # Drawn last, so the domains' crops and defects do not depend on how many there are.
+    for domain, src in sources().items():
+        for index in range(cfg.unseen_per_domain):
+            write_bytes(out / f"{domain}_unseen/{domain}_unseen_{index:03d}.jpg", jpeg_bytes(random_crop(src, rng, cfg.size_px), cfg.jpeg_quality))
 
     write_json(out / "defects.json", defects)
     return defects

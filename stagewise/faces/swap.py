@@ -45,7 +45,7 @@ SHEET_CELL_PX = 256  # height of each before / after cell in sheet.png
 
 class SwapConfig(Section):
     # A folder of photos (sorted by name) or one video file; outside the repository is fine (read only).
-    input: str = "data/sample/a"
+    input: str = "data/sample/a_unseen"
     stage: str = "gan"  # the training stage (runs/<stage>) whose model swaps
     direction: Literal["a_to_b", "b_to_a"] = "a_to_b"  # a_to_b: faces of domain A get B's face
     max_frames: int = Field(0, ge=0, description="first N images / frames only (0: all)")
