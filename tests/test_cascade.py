@@ -70,7 +70,7 @@ def test_only_uncertain_images_reach_clip_and_reasons_name_the_step(scored, tmp_
     frame, counts = run_cascade(manifest, cfg, root / "detector", clip_store=tmp_path / "clip")
     uncertain = {f"line_{i}.png" for i in range(3)}
     # The detector's boxes are memoised; only the three band images reach CLIP.
-    assert counts == {"detected": 0, "uncertain": 3, "clip_embedded": 3, "vlm_asked": 0}
+    assert counts == {"detected": 0, "uncertain": 3, "clip_embedded": 3, "vlm_asked": 0, "headed": 0, "head_on": 0}  # no learned head here
     assert names(frame, frame["clip_p"].notna()) == uncertain
     stored = read_parquet_dir(tmp_path / "clip" / "images")
     assert set(stored["sha256"]) == set(frame.loc[frame["clip_p"].notna(), "sha256"])  # CLIP saw nothing else
