@@ -7,9 +7,12 @@ cost), and times
   train   StageTrainer.step(): batch gather + normalise, flip, random warp, forward, losses, backward,
           grad-norm guard, fused Adam, EMA / LRD when configured, counters: the loop's real step;
   bare    model forward + MSE + backward on tensors already in memory, same batch, nothing else;
+  +adam   bare plus a plain torch Adam step over the same parameters: the hand-written loop a user would
+          time (the anchor's "bare forward + backward + Adam step");
 
 in the same process, one after the other. ``ratio = train / bare``: the share of the bare model's speed
 the trainer keeps; 1 - ratio is what data handling, warp, the optimizer and bookkeeping cost.
+``ratio+adam = train / +adam``: the same against the hand-written step, i.e. without the optimizer.
 
     python benchmarks/train_throughput.py [--codecs taef2 pixels] [--resolutions 128 256 512] [--seconds 10]
     python benchmarks/train_throughput.py --profile liae-256      # profiles/liae-256.yaml merged over params.yaml
@@ -118,9 +121,15 @@ def bench(codec_cfg: CodecConfig, model_cfg: ModelConfig, defaults: dict, resolu
         pred = torch.cat([model.decode(part, d) for part, d in zip(h.chunk(2), DOMAINS)])
         (pred - x).square().mean().backward()
 
-    seconds_per = race({"train": trainer.step, "bare": bare}, seconds)
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-9)  # a tiny LR: the weights barely move
+
+    def bare_adam() -> None:
+        bare()
+        adam.step()
+
+    seconds_per = race({"train": trainer.step, "bare": bare, "bare_adam": bare_adam}, seconds)
     images = 2 * batch * trainer.cfg.grad_accum
-    return {"train": images / seconds_per["train"], "bare": images / seconds_per["bare"], "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {**{k: images / v for k, v in seconds_per.items()}, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
 def main() -> None:
@@ -152,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
     codec_base = load_section("codec", CodecConfig, args.params)
     defaults = {**(read_params(args.params).get("train", {}).get("defaults") or {}), "save_every_kimg": 1000, "log_every_kimg": 1000}
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}, batch: {defaults.get('batch_size', 8)} per domain")
-    print(f"{'codec':8} {'px':>5} {'latent':>7} {'params':>7} {'train img/s':>12} {'bare img/s':>11} {'ratio':>6}")
+    print(f"{'codec':8} {'px':>5} {'latent':>7} {'params':>7} {'train img/s':>12} {'bare img/s':>11} {'ratio':>6} {'+adam img/s':>12} {'ratio+adam':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.codecs:
             codec_cfg = codec_base.model_copy(update={"name": name})
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
             for px in args.resolutions:
                 r = bench(codec_cfg, model_cfg, defaults, px, args.seconds, Path(tmp))
                 factor = 8 if name == "taef2" else 1
-                print(f"{name:8} {px:>5} {px // factor:>5}px {r['params_m']:>6.2f}M {r['train']:>12.1f} {r['bare']:>11.1f} {r['train'] / r['bare']:>6.2f}", flush=True)
+                print(f"{name:8} {px:>5} {px // factor:>5}px {r['params_m']:>6.2f}M {r['train']:>12.1f} {r['bare']:>11.1f} {r['train'] / r['bare']:>6.2f} {r['bare_adam']:>12.1f} {r['train'] / r['bare_adam']:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":
