@@ -61,7 +61,10 @@ def test_two_ranks_train_the_one_process_curve(project, two_ranks):
     one = project / "one" / "a"
     run_stage(StageJob("a", train, CodecConfig(name="pixels"), project / "runs" / "init", project / "cache" / "16", one, one / "backups", progress=False))
     assert len(losses(one)) == 6  # a status every 2 steps
-    torch.testing.assert_close(losses(two_ranks), losses(one), rtol=1e-4, atol=1e-6)
+    # Float tolerance: the all-reduce sums the ranks' gradients in another order than one backward does, and
+    # twelve steps of warp + affine resampling amplify that rounding (measured: up to 4.5e-4 relative by the
+    # last status row). Ranks that do not average their gradients differ by orders of magnitude more.
+    torch.testing.assert_close(losses(two_ranks), losses(one), rtol=2e-3, atol=1e-5)
     ours, theirs = load_file(str(two_ranks / "model.safetensors")), load_file(str(one / "model.safetensors"))
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
