@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.local_server import _alive, _spawn, _terminate
+from flows.local_server import _read_pid as read_pid, _spawn, _terminate
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8786  # Dask's usual scheduler port, so its docs' commands work
@@ -36,17 +36,7 @@ START_TIMEOUT_S = 60  # a scheduler imports distributed and opens its port: ~3 s
 
 def _read_pid(pid_file: Path) -> int | None:
     """The pid in ``pid_file`` if that process is alive and is a Dask process (not a recycled pid)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    if not _alive(pid):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return pid
-    return pid if not cmdline or b"dask" in cmdline else None
+    return read_pid(pid_file, b"dask")
 
 
 def listening(host: str, port: int) -> bool:

@@ -83,8 +83,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_pid(pid_file: Path) -> int | None:
-    """The pid in ``pid_file`` if that process is alive and is a Prefect process (not a recycled pid)."""
+def _read_pid(pid_file: Path, program: bytes = b"prefect") -> int | None:
+    """The pid in ``pid_file`` if that process is alive and runs ``program`` (not a recycled pid)."""
     try:
         pid = int(pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
@@ -95,7 +95,7 @@ def _read_pid(pid_file: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return pid
-    return pid if not cmdline or b"prefect" in cmdline else None
+    return pid if not cmdline or program in cmdline else None
 
 
 def _spawn(args: list[str], env: dict, cwd: Path, log_file: Path, pid_file: Path) -> int:
