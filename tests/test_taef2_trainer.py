@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from stagewise.train import loop as loop_module
 from stagewise.train.guard import POISON_ENV
 from stagewise.train.loop import StageJob, StageTrainer, run_stage
 from stagewise.train.recipe import parse_train
-from test_train_resume import env, rolling_backups, wait_for
+from test_train_resume import kill_after_a_backup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -240,16 +238,7 @@ def test_killed_taef2_stage_resumes_bit_identical(project, caches):
 
     one_thread = {"OMP_NUM_THREADS": "1"}  # the same thread count in every run: float sums in the same order
     run(cmd("reference/a"), project, env=one_thread)
-    proc = subprocess.Popen(cmd("runs/a"), cwd=project, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    backups = project / "runs" / "a" / "backups"
-    try:
-        wait_for(lambda: rolling_backups(backups), 120, proc)
-        newest_at_kill = rolling_backups(backups)[-1]
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    newest_at_kill = kill_after_a_backup(cmd("runs/a"), project, project / "runs" / "a" / "backups", one_thread)
     assert newest_at_kill < 160 and not (project / "runs" / "a" / "model.safetensors").exists()  # killed mid-stage
     run(cmd("runs/a"), project, env=one_thread)
     events = [json.loads(line) for line in (project / "runs" / "a" / "events.jsonl").read_text().splitlines()]

@@ -50,16 +50,10 @@ def rolling_backups(backups: Path, after_images: int = 0) -> list[int]:
     return sorted(n for p in backups.glob("*/rolling-*.json") if (n := int(p.stem.split("-")[1])) > after_images)
 
 
-def test_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path):
-    write_cache(tmp_path / "cache", 16)
-    write_init(tmp_path / "runs" / "init")
-    params = {"codec": {"name": "pixels"}, "train": {"defaults": TINY_DEFAULTS, "stages": {"a": RESUME_STAGE}}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-
-    run(train_cmd("reference/a"), tmp_path)  # uninterrupted
-
-    proc = subprocess.Popen(train_cmd("runs/a"), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    backups = tmp_path / "runs" / "a" / "backups"
+def kill_after_a_backup(cmd: list[str], cwd: Path, backups: Path, extra_env: dict[str, str] | None = None) -> int:
+    """Start the training command, SIGKILL it once it has written a rolling backup under ``backups``, and
+    return the images_seen of the newest backup at the kill."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: rolling_backups(backups), 120, proc)
         newest_at_kill = rolling_backups(backups)[-1]
@@ -68,6 +62,18 @@ def test_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    return newest_at_kill
+
+
+def test_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path):
+    write_cache(tmp_path / "cache", 16)
+    write_init(tmp_path / "runs" / "init")
+    params = {"codec": {"name": "pixels"}, "train": {"defaults": TINY_DEFAULTS, "stages": {"a": RESUME_STAGE}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    run(train_cmd("reference/a"), tmp_path)  # uninterrupted
+
+    newest_at_kill = kill_after_a_backup(train_cmd("runs/a"), tmp_path, tmp_path / "runs" / "a" / "backups")
     assert newest_at_kill < 480 and not (tmp_path / "runs" / "a" / "model.safetensors").exists()  # killed mid-stage
 
     run(train_cmd("runs/a"), tmp_path)  # the same command again
