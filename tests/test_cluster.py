@@ -1,6 +1,6 @@
 """Curation on a Dask cluster (stagewise.cluster): a 2-worker LocalCluster on 127.0.0.1, started once for
-the module, computes ingest's decodes, the watermark detector, near_dup's hashes and the TAEF2 latent cache
-of a tiny project;
+the module, computes ingest's decodes, the watermark detector, near_dup's hashes, the TAEF2 latent cache of a tiny
+project, and the model steps (captioner, vlm_filter) on tiny random models;
 every output file is byte-identical to the local run's. A worker that dies mid-shard is reported with its
 shard and the shard retried once; one that dies twice fails the stage naming the shard, keeps what the
 other shards finished, and the rerun computes only the rest. An unreachable address fails in seconds,
@@ -103,6 +103,37 @@ def test_two_workers_give_the_same_bytes_as_a_local_run(cluster, tmp_path):
     parts = list((tmp_path / "cluster" / "store" / "watermark").glob("part-*.parquet"))
     workers = {str(pid) for pid in cluster.client().run(os.getpid).values()}
     assert parts and {p.stem.rsplit("-", 1)[-1] for p in parts} <= workers
+
+
+def test_model_steps_caption_and_vlm_filter_run_on_the_workers_and_match_a_local_run(cluster, tmp_path):
+    """The steps that run a model: the transformers captioner (tiny random BLIP) and vlm_filter (tiny
+    random BLIP VQA), both from_pretrained. On the cluster the model is built on the workers (its ``Lazy``
+    travels as a recipe), never in this process, and the frames equal the local run's."""
+    from stagewise.curation.caption import CaptionConfig, caption_dataset, make_captioner
+    from stagewise.curation.ingest import IngestConfig, ingest
+    from stagewise.curation.vlm import VlmConfig, filter_images
+    from tiny_models import tiny_blip
+
+    manifest, _ = ingest(domain_folders(tmp_path / "in"), IngestConfig(), tmp_path / "ingest")
+    caption_cfg = CaptionConfig(captioner="transformers", model=str(tiny_blip(tmp_path / "blip", task="caption")), batch_size=2, max_new_tokens=8)
+    vlm_cfg = VlmConfig(model=str(tiny_blip(tmp_path / "vqa")), questions=[{"text": "is there a watermark?", "reject": ["nothing-says-this"]}], batch_size=2)
+    runs = {}
+    for where, on in (("local", None), ("cluster", cluster)):
+        captioner = make_captioner(caption_cfg)
+        with activate(on):
+            captions, counts = caption_dataset(manifest, {}, captioner, tmp_path / where / "caption", caption_cfg.batch_size, workers=1)
+            decisions, asked = filter_images(manifest, vlm_cfg, tmp_path / where / "vlm")
+        runs[where] = captions, decisions
+        kept = int((manifest["status"] == "kept").sum())
+        assert counts["captioned"] == kept and asked == kept and kept >= 6
+        assert (captioner._lazy.value is None) == (where == "cluster"), f"{where}: the captioner was (not) built in this process"
+    pd.testing.assert_frame_equal(runs["local"][0], runs["cluster"][0])
+    pd.testing.assert_frame_equal(runs["local"][1], runs["cluster"][1])
+    assert runs["cluster"][0]["caption"].str.len().gt(0).all()
+    workers = {str(pid) for pid in cluster.client().run(os.getpid).values()}
+    for step in ("caption", "vlm"):
+        parts = list((tmp_path / "cluster" / step).glob("part-*.parquet"))
+        assert parts and {p.stem.rsplit("-", 1)[-1] for p in parts} <= workers, f"{step}: not written by the workers"
 
 
 def die_on(marker_dir: Path, victim: str, times: int):
