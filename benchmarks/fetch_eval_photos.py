@@ -9,7 +9,7 @@ evaluation reads OUT offline once it exists.
 
 Licences (from each package's copyright file, checked when this list was made): GPL-2+ (plasma,
 mate, desktop-base), CC-BY-SA-3.0/4.0, CC-BY-4.0 and CC0 (lomiri, ukui), CC-BY-SA (gnome),
-GPL (propaganda-debian), CC0 / MIT (sway). All allow this use (evaluation, not redistribution); see each copyright file for the
+GPL (propaganda-debian). All allow this use (evaluation, not redistribution); see each copyright file for the
 per-image authors.
 
     python benchmarks/fetch_eval_photos.py --out data/eval_photos     # what `make eval-photos` runs
@@ -30,8 +30,9 @@ from PIL import Image
 
 PACKAGES = (
     "plasma-workspace-wallpapers", "gnome-backgrounds", "mate-backgrounds", "ukui-wallpapers", "lomiri-wallpapers",
-    "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "desktop-base", "propaganda-debian", "sway-backgrounds",
-)  # not debian-edu-artwork-*: every background there carries the Debian Edu name (real text: not clean)
+    "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "desktop-base", "propaganda-debian",
+)  # not debian-edu-artwork-* nor sway-backgrounds: every background there carries the distribution's or
+#    the window manager's logo and name (a real mark: not clean)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # Not photos or backgrounds: previews, icons, logos, login-screen decorations (they are often text or logos).
 SKIP = re.compile(r"(preview|screenshot|thumb|icon|logo|emblem|grub|plymouth|lockscreen|login|splash|symbolic|/look-and-feel/"

@@ -105,11 +105,13 @@ def build_eval_set(folder: Path, photos, seed: int) -> pd.DataFrame:
     """Write the clean photos and their stamped copies into ``folder``; one label row per file."""
     rng = np.random.default_rng(seed)
     rows = []
-    for i, (name, source, img, _) in enumerate(tqdm(photos, desc="stamping", unit="photo")):
+    for i, (name, source, img, origin) in enumerate(tqdm(photos, desc="stamping", unit="photo")):
         path = folder / f"{name}.jpg"
         if not path.exists():
             img.save(path, quality=90)
-        rows.append({"path": str(path), "photo": name, "source": source, "stamped": False, "kind": "clean", "placement": "", "opacity": 0.0})
+        group = str(Path(origin).parent) if origin else source  # the subject's or package's folder: the unit of the folds
+        rows.append({"path": str(path), "photo": name, "source": source, "group": group, "stamped": False, "kind": "clean", "placement": "",
+                     "opacity": 0.0})
         for j, (kind, placement) in enumerate(COMBOS):
             low, high = OPACITY_BUCKETS[(i + j) % len(OPACITY_BUCKETS)]  # balanced buckets per kind x placement
             spec = spec_for(rng, kind, placement, float(rng.uniform(low, high)))
@@ -117,7 +119,7 @@ def build_eval_set(folder: Path, photos, seed: int) -> pd.DataFrame:
             stamped = stamp(img, spec)
             if not path.exists():
                 stamped.save(path, quality=90)
-            rows.append({"path": str(path), "photo": name, "source": source, "stamped": True, **spec.as_row(), "kind": kind,
+            rows.append({"path": str(path), "photo": name, "source": source, "group": group, "stamped": True, **spec.as_row(), "kind": kind,
                          "contrast": mark_contrast(img, stamped)})
     labels = pd.DataFrame(rows)
     order = [opacity_bucket(low) for low, _ in OPACITY_BUCKETS]
@@ -188,8 +190,15 @@ def main() -> None:
     parser.add_argument("--package-photos", action="store_true", help="also the photos bundled in scikit-image/matplotlib (the head trains on them: not held out)")
     parser.add_argument("--no-system-fonts", action="store_true", help="stamp with stamp.py's fonts only, not also /usr/share/fonts")
     parser.add_argument("--max-photos", type=int, help="at most this many clean photos, spread over the sources (a quick run)")
+    parser.add_argument("--folds", type=int, default=0, metavar="K",
+                        help="grouped K-fold: the held-out photos' folders (a dreambooth subject, a Debian package) are split into K folds; "
+                             "for each, a head is trained on the bundled photos + the other folds' folders and scores only that fold")
+    parser.add_argument("--head-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --folds: override a watermark_head training param (YAML value), e.g. train_images=1024")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.folds and (args.head or args.package_photos or args.folds < 2):
+        parser.error("--folds K (K >= 2) trains its own heads: it takes neither --head nor --package-photos")
     logging.basicConfig(level=logging.WARNING)
 
     raw = (read_params(args.params).get("watermark") or {}).copy()
@@ -215,6 +224,10 @@ def main() -> None:
         start = time.perf_counter()
         scored, counts = score_images_counted(manifest, cfg, work, args.head)
         seconds = time.perf_counter() - start
+        head_name = args.head
+        if args.folds:
+            scored, counts, seconds = score_in_folds(labels, manifest, scored, counts, seconds, cfg, work, args)
+            head_name = f"{args.folds} grouped folds, each head trained without the photos it is scored on"
         frame = labels.merge(scored[["path", "status", "reason", "score", "head_p", "decided_by"]], on="path", how="left")
         for row in manifest.loc[manifest["status"] != "kept"].itertuples(index=False):  # e.g. a 5 % black mark on black: same JPEG bytes
             print(f"left out, ingest rejected it: {Path(row.path).name}: {row.reason}")
@@ -229,9 +242,9 @@ def main() -> None:
         print(f"watermark config: {cfg.model_dump(exclude_defaults=False)}")
         frame["text_only"] = frame["score"] > cfg.threshold
         report(frame, "text_only", f"text detector alone (threshold {cfg.threshold:g})")
-        if args.head:
+        if head_name:
             frame["headed"] = frame["status"] == "rejected"
-            report(frame, "headed", f"learned head + text detector ({args.head})")
+            report(frame, "headed", f"learned head + text detector ({head_name})")
             sweep(frame, cfg.threshold)
         frame.to_parquet(work / f"results-seed{args.seed}.parquet")
 
@@ -251,6 +264,58 @@ def sweep(frame: pd.DataFrame, text_threshold: float) -> None:
             rows = stamped[select(stamped) & (stamped["opacity"] >= 0.2)]
             cells.append(f"{hit[rows.index].mean():>16.3f}")
         print(f"{keep:>11.2f} {t:>9.3f} {1 - hit[clean.index].mean():>10.3f}  " + "  ".join(cells))
+
+
+def grouped_folds(groups: pd.Series, k: int) -> list[list[str]]:
+    """The photo folders (``groups``: one entry per clean photo) split into ``k`` folds of about equal photo
+    counts: largest folder first, each into the fold with the fewest photos so far (deterministic)."""
+    folds: list[list[str]] = [[] for _ in range(k)]
+    totals = [0] * k
+    for group, count in sorted(groups.value_counts().items(), key=lambda item: (-item[1], item[0])):
+        i = totals.index(min(totals))
+        folds[i].append(group)
+        totals[i] += count
+    return folds
+
+
+def score_in_folds(labels, manifest, text_scored, counts, seconds, cfg, work: Path, args):
+    """Train one head per fold (bundled photos + every other fold's folders; reused from ``work`` when the
+    same config and folders trained it before) and decide that fold's images with it. Returns the pooled
+    frame, the summed counts and the head scoring seconds (the text detector's are in ``seconds``)."""
+    from stagewise.config import fingerprint
+    from stagewise.curation import marks, wmhead
+    from stagewise.curation.watermark import run_cascade, text_scorer
+    from stagewise.io import sha256_file
+
+    raw = {**(read_params(args.params).get("watermark_head") or {}), "enabled": True}
+    for item in args.head_set:
+        key, _, value = item.partition("=")
+        raw[key] = yaml.safe_load(value)
+    head_cfg = parse_section(raw, wmhead.HeadTrainConfig, "watermark_head")
+    clean = labels[~labels["stamped"]]
+    folds = grouped_folds(clean["group"], args.folds)
+    parts, head_seconds, headed = [], 0.0, 0
+    for k, held_out in enumerate(folds):
+        train_folders = sorted(g for j, fold in enumerate(folds) if j != k for g in fold)
+        code = [sha256_file(Path(module.__file__)) for module in (wmhead, marks)]  # a code change retrains
+        out = work / "heads" / f"fold{k}-{fingerprint('fold-head', code, head_cfg.model_dump(), train_folders)[:12]}"
+        n_photos = int(clean["group"].isin(held_out).sum())
+        print(f"fold {k + 1}/{len(folds)}: scores {n_photos} photos of {len(held_out)} folders; head trained on the bundled photos + {len(train_folders)} folders")
+        if not (out / wmhead.META_FILE).is_file():
+            photos = wmhead.bundled_photos() + wmhead.folder_photos([Path(f) for f in train_folders])
+            state, meta = wmhead.train(head_cfg, text_scorer(cfg), photos)
+            wmhead.save(out, state, {**meta, "photo_folders": train_folders})
+            cal = meta["calibration"]
+            print(f"  trained in {meta['train_seconds']:.0f} s: threshold {meta['threshold']:.3f}, calibration clean kept {cal['clean_kept']:.3f}, recall {cal['recall']:.3f}")
+        paths = set(labels.loc[labels["group"].isin(held_out), "path"])
+        start = time.perf_counter()
+        part, fold_counts = run_cascade(manifest[manifest["path"].isin(paths)], cfg, work / "store" / "watermark", head_dir=out)
+        head_seconds += time.perf_counter() - start
+        headed += fold_counts["headed"]
+        parts.append(part)
+    if headed:
+        print(f"head scoring: {headed} images in {head_seconds:.1f} s = {headed / head_seconds:.2f} images/s (text detector memoised)")
+    return pd.concat(parts, ignore_index=True), {**counts, "headed": headed}, seconds
 
 
 def head_photo_folders(head: str | None) -> list[str]:

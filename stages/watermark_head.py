@@ -31,11 +31,11 @@ def main(args: argparse.Namespace) -> None:
         score = text_scorer(detector_cfg)
     except FileNotFoundError as exc:
         raise cli.StageError(str(exc)) from None
-    photos = [img for _, img in wmhead.bundled_photos()]
+    photos = wmhead.bundled_photos()
     extra = wmhead.folder_photos([Path(f) for f in args.photos or []])
     if args.photos:
         log.info("%d clean photos from %s besides the %d bundled ones", len(extra), ", ".join(args.photos), len(photos))
-    state, meta = wmhead.train(cfg, score, photos + [img for _, img in extra])
+    state, meta = wmhead.train(cfg, score, photos + extra)
     meta["photo_folders"] = [str(Path(f).resolve()) for f in args.photos or []]
     wmhead.save(args.out, state, meta)
     cal = meta["calibration"]

@@ -10,6 +10,7 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import ROOT, run
 from stagewise.curation import wmhead
@@ -21,7 +22,7 @@ from stagewise.curation.watermark import DECIDED_BY_HEAD, WatermarkConfig, run_c
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small enough for the default suite (a few seconds per training), big enough to find a clear mark.
-SMALL = {"train_images": 64, "calibration_images": 32, "steps": 120}
+SMALL = {"train_images": 96, "calibration_images": 64, "steps": 200, "hidden_channels": 16}
 TINY = {"train_images": 8, "calibration_images": 8, "steps": 5}
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -42,7 +43,7 @@ def scorer():
     return text_scorer(WatermarkConfig())
 
 
-def test_training_is_reproducible_from_a_seed(scorer):
+def test_training_is_reproducible_from_a_seed(scorer, tmp_path):
     cfg = wmhead.HeadTrainConfig(**TINY)
     first, meta1 = wmhead.train(cfg, scorer)
     again, meta2 = wmhead.train(cfg, scorer)
@@ -51,6 +52,12 @@ def test_training_is_reproducible_from_a_seed(scorer):
     assert meta1["combiner"] == meta2["combiner"] and meta1["threshold"] == meta2["threshold"]
     other, _ = wmhead.train(wmhead.HeadTrainConfig(**{**TINY, "seed": 1}), scorer)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+    # A fresh process, whose first training also builds the backbone, trains the same weights.
+    code = (f"from safetensors.torch import save_file; from stagewise.curation import wmhead; from stagewise.curation.watermark import "
+            f"WatermarkConfig, text_scorer; save_file(wmhead.train(wmhead.HeadTrainConfig(**{TINY!r}), text_scorer(WatermarkConfig()))[0], {str(tmp_path / 'fresh.safetensors')!r})")
+    run([sys.executable, "-c", code], cwd=ROOT)
+    fresh = load_file(str(tmp_path / "fresh.safetensors"))
+    assert all(torch.equal(first[k], fresh[k]) for k in first), "a fresh process trained other weights from the same seed"
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +143,29 @@ def test_the_sample_keeps_its_verdicts_with_the_head(sample_dir, head_dir, tmp_p
     frame, _ = run_cascade(manifest, WatermarkConfig(), tmp_path / "store", head_dir=head_dir)
     stamped = {str(sample_dir / p) for p in json.loads((sample_dir / "defects.json").read_text())["watermark"]}
     assert set(frame.loc[frame["status"] == "rejected", "path"]) == stamped, frame[["path", "status", "head_p", "score"]].to_string()
+
+
+def test_calibration_photos_are_whole_folders_the_head_never_trains_on():
+    """Photos of one subject look alike: the combiner's threshold is fitted on folders the head never saw."""
+    photos = [(f"/photos/subject{g}/{i}.jpg", Image.new("RGB", (8, 8), (g, i, 0))) for g in range(6) for i in range(3)]
+    photos += [(f"skimage:{name}", Image.new("RGB", (8, 8), (99, k, 0))) for k, name in enumerate(["astronaut", "coffee", "rocket"])]
+    train, cal = wmhead.calibration_split(photos)
+    folder_of = {id(img): name.rsplit("/", 1)[0] for name, img in photos}
+    assert len(train) + len(cal) == len(photos) and cal and train
+    assert not {folder_of[id(i)] for i in train} & {folder_of[id(i)] for i in cal}
+    assert any(folder_of[id(i)].startswith("/photos/") for i in cal)  # real folders are held out too, not only bundled photos
+
+
+def test_edge_strips_see_the_border_at_twice_the_resolution():
+    photo = Image.fromarray(skimage.data.astronaut()).resize((1000, 750))
+    whole, top, bottom = wmhead.views(photo, 384, 0.1)
+    assert whole.shape[2:] == (288, 384) and top.shape[2:] == bottom.shape[2:] == (58, 768)
+    big = wmhead.to_tensor(photo, 768)
+    assert torch.equal(top, big[:, :, :58]) and torch.equal(bottom, big[:, :, -58:])
+    assert len(wmhead.views(photo, 384, 0.0)) == 1
+    # A small credit in the bottom-right corner: ink in the bottom strip's right cells, none in the top strip.
+    coverage = np.zeros((576, 768), np.float32)
+    coverage[-20:-10, 600:700] = 1
+    t_whole, t_top, t_bottom = wmhead.cell_targets(coverage, (288, 384), 0.1)
+    assert t_whole.shape == (36, 48) and t_top.shape == t_bottom.shape == (8, 96)
+    assert t_top.sum() == 0 and t_bottom[:, 75:88].sum() > 0 and t_bottom[:, :74].sum() == 0 and t_whole[-2:, 37:44].sum() > 0

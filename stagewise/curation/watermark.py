@@ -54,7 +54,7 @@ DECIDED_BY_DECODE = "decode"
 DECIDED_BY_HEAD = "watermark head"
 COLUMNS = [
     "path", "domain", "sha256", "status", "reason", "score", "text_area_frac", "max_confidence", "n_boxes", "n_ignored_boxes",
-    "head_score", "head_lit_frac", "head_p", "clip_p", "vlm_answers", "decided_by",
+    "head_score", "head_edge_score", "head_lit_frac", "head_p", "clip_p", "vlm_answers", "decided_by",
 ]
 WATERMARK_QUESTION = "Is there a watermark, logo or text overlay?"
 
@@ -295,21 +295,22 @@ def decide(memo: dict, cfg: WatermarkConfig) -> dict:
     return {
         "status": "rejected" if rejected else "kept", "reason": reason, "score": s.score, "text_area_frac": s.text_area_frac,
         "max_confidence": s.max_confidence, "n_boxes": s.n_boxes, "n_ignored_boxes": s.n_ignored_boxes,
-        "head_score": math.nan, "head_lit_frac": math.nan, "head_p": math.nan,
+        "head_score": math.nan, "head_edge_score": math.nan, "head_lit_frac": math.nan, "head_p": math.nan,
         "clip_p": math.nan, "vlm_answers": "", "decided_by": DECIDED_BY_DETECTOR,
     }
 
 
 def decide_with_head(decision: dict, scores: dict, head, cfg: WatermarkConfig) -> dict:
-    """The head's combiner (head score, lit share, text score) on top of the text detector's decision: an
+    """The head's combiner (whole and strip scores, lit share, text score) on top of the text detector's decision: an
     image the text detector rejects stays rejected (its threshold was chosen on real photos; the
     combiner's on synthetic ones), and the head adds the marks the text detector does not see."""
-    p = head.probability(float(scores["head_score"]), float(scores["head_lit_frac"]), decision["score"])
+    heads = {key: float(scores[key]) for key in ("head_score", "head_edge_score", "head_lit_frac")}
+    p = head.probability(**heads, text_score=decision["score"])
     threshold = cfg.head_threshold if cfg.head_threshold is not None else float(head.meta["threshold"])
-    out = {**decision, "head_score": float(scores["head_score"]), "head_lit_frac": float(scores["head_lit_frac"]), "head_p": p}
+    out = {**decision, **heads, "head_p": p}
     if decision["status"] == "rejected" or p <= threshold:
         return out
-    reason = f"watermark: learned head P={p:.3f} > {threshold:.3f} (head score {float(scores['head_score']):.2f}, text score {decision['score']:.3f})"
+    reason = f"watermark: learned head P={p:.3f} > {threshold:.3f} (head score {heads['head_score']:.2f}, edges {heads['head_edge_score']:.2f}, text score {decision['score']:.3f})"
     return {**out, "status": "rejected", "reason": reason, "decided_by": DECIDED_BY_HEAD}
 
 
@@ -420,14 +421,14 @@ def run_cascade(
         base = {"path": row.path, "domain": row.domain, "sha256": row.sha256}
         if row.sha256 in errors:
             rows.append({**base, "status": "rejected", "reason": errors[row.sha256], "score": math.nan, "text_area_frac": math.nan,
-                         "max_confidence": math.nan, "n_boxes": 0, "n_ignored_boxes": 0, "head_score": math.nan, "head_lit_frac": math.nan,
+                         "max_confidence": math.nan, "n_boxes": 0, "n_ignored_boxes": 0, "head_score": math.nan, "head_edge_score": math.nan, "head_lit_frac": math.nan,
                          "head_p": math.nan, "clip_p": math.nan, "vlm_answers": "",
                          "decided_by": DECIDED_BY_DECODE})
         else:
             rows.append({**base, **decisions[row.sha256]})
     frame = pd.DataFrame(rows, columns=COLUMNS).astype(
         {"score": "float64", "text_area_frac": "float64", "max_confidence": "float64", "n_boxes": "int64", "n_ignored_boxes": "int64",
-         "head_score": "float64", "head_lit_frac": "float64", "head_p": "float64", "clip_p": "float64"}
+         "head_score": "float64", "head_edge_score": "float64", "head_lit_frac": "float64", "head_p": "float64", "clip_p": "float64"}
     )
     return frame, counts
 
@@ -451,7 +452,7 @@ def detect_new(kept: pd.DataFrame, cfg: WatermarkConfig, store_dir: Path, model_
 
 
 def score_with_head(kept: pd.DataFrame, cfg: WatermarkConfig, head, store_dir: Path) -> tuple[dict, dict[str, str], int]:
-    """The learned head's (head_score, head_lit_frac) for every kept image, computing only images not
+    """The learned head's (head_score, head_edge_score, head_lit_frac) for every kept image, computing only images not
     memoised under this head's model hash. A pure function of (image, head) per row, like the detector's."""
     from stagewise.curation.wmhead import HEAD_VERSION
 
