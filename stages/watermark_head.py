@@ -31,12 +31,16 @@ def main(args: argparse.Namespace) -> None:
         score = text_scorer(detector_cfg)
     except FileNotFoundError as exc:
         raise cli.StageError(str(exc)) from None
+    folders = [*cfg.photo_folders, *(args.photos or [])]
     photos = wmhead.bundled_photos()
-    extra = wmhead.folder_photos([Path(f) for f in args.photos or []])
-    if args.photos:
-        log.info("%d clean photos from %s besides the %d bundled ones", len(extra), ", ".join(args.photos), len(photos))
+    try:
+        extra = wmhead.folder_photos([Path(f) for f in folders])
+    except FileNotFoundError as exc:
+        raise cli.StageError(f"watermark_head.photo_folders / --photos: {exc}") from None
+    if folders:
+        log.info("%d clean photos from %s besides the %d bundled ones", len(extra), ", ".join(folders), len(photos))
     state, meta = wmhead.train(cfg, score, photos + extra)
-    meta["photo_folders"] = [str(Path(f).resolve()) for f in args.photos or []]
+    meta["photo_folders"] = [str(Path(f).resolve()) for f in folders]
     wmhead.save(args.out, state, meta)
     cal = meta["calibration"]
     log.info("trained the watermark head in %.1f s: threshold %.3f keeps %.3f of %d clean calibration images, recall %.3f of %d marked; wrote %s",
@@ -46,6 +50,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write head.safetensors and head.json into")
-    parser.add_argument("--photos", action="append", help="a folder of clean photos (no marks) to draw marks on besides the bundled ones; "
-                        "repeatable. Only read, never written")
+    parser.add_argument("--photos", action="append", help="a folder of clean photos (no marks) to draw marks on besides the bundled ones and "
+                        "watermark_head.photo_folders; repeatable. Only read, never written")
     cli.run(main, parser)

@@ -169,3 +169,16 @@ def test_edge_strips_see_the_border_at_twice_the_resolution():
     t_whole, t_top, t_bottom = wmhead.cell_targets(coverage, (288, 384), 0.1)
     assert t_whole.shape == (36, 48) and t_top.shape == t_bottom.shape == (8, 96)
     assert t_top.sum() == 0 and t_bottom[:, 75:88].sum() > 0 and t_bottom[:, :74].sum() == 0 and t_whole[-2:, 37:44].sum() > 0
+
+
+def test_a_missing_photo_folder_is_a_clear_error_naming_the_key(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["watermark_head"].update(enabled=True, photo_folders=[str(tmp_path / "no-such-folder")])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([sys.executable, "-m", "stages.watermark_head", "--out", str(tmp_path / "head"), "--params", str(tmp_path / "params.yaml")],
+               cwd=ROOT, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"watermark_head.photo_folders / --photos: clean photo folder not found: {tmp_path / 'no-such-folder'}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "head" / wmhead.HEAD_FILE).exists()

@@ -66,6 +66,11 @@ class HeadTrainConfig(Section):
     # default it would drop a fifth of a user's clean data. Turn it on to catch logos, small and tiled marks.
     enabled: bool = Field(False, description="train the learned head; false: the watermark stage uses the text detector alone")
     seed: int = Field(0, description="seeds the marks, the crops and the head's initialisation: same seed, same weights")
+    # Folders of your own clean photos (no marks), drawn on besides the bundled ones, read only. One folder
+    # per subject or source: whole folders are held out for calibration. Without them the calibration
+    # does not carry to real photos (README "Learned watermark head"). DVC tracks this list, not the
+    # folders' contents: rerun with `dvc repro -f watermark_head` after adding photos.
+    photo_folders: list[str] = Field(default_factory=list)
     # The longer side the backbone sees, in training and in the stage. 384: small edge text (1.5-4 % of the
     # shorter side) is then 4-12 px tall, one or two cells; 512 would cost 1.8x per image.
     input_side_px: int = Field(384, ge=64)
