@@ -226,7 +226,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         head_name = args.head
         if args.folds:
-            scored, counts, seconds = score_in_folds(labels, manifest, scored, counts, seconds, cfg, work, args)
+            scored, counts["headed"] = score_in_folds(labels, manifest, cfg, work, args)
             head_name = f"{args.folds} grouped folds, each head trained without the photos it is scored on"
         frame = labels.merge(scored[["path", "status", "reason", "score", "head_p", "decided_by"]], on="path", how="left")
         for row in manifest.loc[manifest["status"] != "kept"].itertuples(index=False):  # e.g. a 5 % black mark on black: same JPEG bytes
@@ -278,10 +278,10 @@ def grouped_folds(groups: pd.Series, k: int) -> list[list[str]]:
     return folds
 
 
-def score_in_folds(labels, manifest, text_scored, counts, seconds, cfg, work: Path, args):
+def score_in_folds(labels, manifest, cfg, work: Path, args) -> tuple[pd.DataFrame, int]:
     """Train one head per fold (bundled photos + every other fold's folders; reused from ``work`` when the
-    same config and folders trained it before) and decide that fold's images with it. Returns the pooled
-    frame, the summed counts and the head scoring seconds (the text detector's are in ``seconds``)."""
+    same code, config and folders trained it before) and decide that fold's images with it. Returns the
+    pooled decisions and how many images the heads scored."""
     from stagewise.config import fingerprint
     from stagewise.curation import marks, wmhead
     from stagewise.curation.watermark import run_cascade, text_scorer
@@ -315,7 +315,7 @@ def score_in_folds(labels, manifest, text_scored, counts, seconds, cfg, work: Pa
         parts.append(part)
     if headed:
         print(f"head scoring: {headed} images in {head_seconds:.1f} s = {headed / head_seconds:.2f} images/s (text detector memoised)")
-    return pd.concat(parts, ignore_index=True), {**counts, "headed": headed}, seconds
+    return pd.concat(parts, ignore_index=True), headed
 
 
 def head_photo_folders(head: str | None) -> list[str]:

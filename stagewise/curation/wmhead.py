@@ -12,10 +12,10 @@ whole view's cells above 0 (tiled marks light many cells: a cheap periodicity / 
 image-level term takes the top_k over all views at once.
 
 The combiner is a logistic regression on (whole score, strip score, lit share, the text detector's
-score); kept apart, the strips' score gets its own weight (clean photos' edges light more cells than
-their middles) fitted on a
-separate calibration set of synthetic images, so its output is a probability; ``threshold`` is the
-lowest probability that keeps ``calibration_keep`` of the calibration set's clean images.
+score), fitted on a separate calibration set of synthetic images drawn on photo folders the head never
+trains on, so its output is a probability; kept apart, the strips' score gets its own weight (clean
+photos' edges light more cells than their middles). ``threshold`` is the lowest probability that keeps
+``calibration_keep`` of the calibration set's clean images.
 
 Files: ``head.safetensors`` (head weights) and ``head.json`` (the training config, combiner weights,
 threshold, backbone weights' sha256, the text detector settings it was calibrated with, and a hash of the
@@ -61,9 +61,9 @@ EDGE_SCALE = 2  # the edge strips' resolution over the whole view's; training ma
 
 class HeadTrainConfig(Section):
     # false (the default): the stage writes only a head.json saying so (in a second) and the watermark stage
-    # decides by the text detector alone. Off by default because on held-out photos the head, calibrated on
-    # synthetic images, keeps only 75-82 % of clean photos (benchmarks/watermark_eval.py, README): on by
-    # default it would drop a fifth of a user's clean data. Turn it on to catch logos, small and tiled marks.
+    # decides by the text detector alone. Off by default because, trained on the bundled photos alone, the
+    # head keeps only 62 % of held-out clean photos; with the user's photo_folders it kept 96.5 %
+    # (benchmarks/watermark_eval.py, README). Turn it on, with photo_folders, to catch logos, small and tiled marks.
     enabled: bool = Field(False, description="train the learned head; false: the watermark stage uses the text detector alone")
     seed: int = Field(0, description="seeds the marks, the crops and the head's initialisation: same seed, same weights")
     # Folders of your own clean photos (no marks), drawn on besides the bundled ones, read only. One folder
@@ -79,8 +79,9 @@ class HeadTrainConfig(Section):
     # place them; costs ~0.8x of the whole view's backbone pass.
     edge_strip_frac: float = Field(0.1, ge=0, le=0.5)
     # Training images, half of them clean (below). 1024 with 1500 steps and 32 channels against 192 / 250 /
-    # 16 raised held-out recall at 95 % clean keep on every kind (logos 0.28 -> 0.42; README), for about
-    # two minutes on two cores (the backbone pass on each image is most of it).
+    # 16 raised held-out recall at 95 % clean keep on every kind (logos 0.28 -> 0.42; README); the stage
+    # then trains in 4-6 minutes on two cores (the 1500 head steps on one thread, for bit-identical weights,
+    # and the backbone passes).
     train_images: int = Field(1024, ge=8)
     calibration_images: int = Field(256, ge=8, description="separate synthetic images, on other photos, the combiner is fitted on")
     clean_fraction: float = Field(0.5, gt=0, lt=1, description="share of clean (unmarked) images in both sets")
@@ -218,10 +219,11 @@ class Synthetic:
 
 
 def synthesize_set(rng: np.random.Generator, photos: list[Image.Image], n: int, clean_fraction: float, desc: str,
-                   strip_frac: float, workers: int = 2) -> Synthetic:
+                   strip_frac: float, keep_images: bool, workers: int = 2) -> Synthetic:
     """``n`` synthetic images drawn in order from ``rng`` (so the set depends on the seed only), their
     backbone features per view computed in ``workers`` threads (one torch thread each: the result of one
-    image does not depend on how many run at once)."""
+    image does not depend on how many run at once). The images themselves are kept only with
+    ``keep_images`` (the calibration set's text scores need them; 1024 training images would hold 1.4 GB)."""
     from concurrent.futures import ThreadPoolExecutor
 
     backbone = load_backbone()
@@ -238,7 +240,8 @@ def synthesize_set(rng: np.random.Generator, photos: list[Image.Image], n: int, 
             img, coverage = marks.synthesize(rng, _training_crop(rng, photos[rng.integers(len(photos))]), kind)
             pending.append(pool.submit(features, img))
             targets.append(cell_targets(coverage, (TRAIN_SHAPE_PX[1], TRAIN_SHAPE_PX[0]), strip_frac))
-            images.append(img)
+            if keep_images:
+                images.append(img)
             labels.append(float(kind is not None))
             kinds.append(kind or "clean")
         for future in pending:
@@ -313,7 +316,7 @@ def _train(cfg: HeadTrainConfig, text_score, photos: list[tuple[str, Image.Image
     # the head's confidence on its own training photos sets a threshold real photos exceed.
     train_photos, cal_photos = calibration_split(photos)
     rng = np.random.default_rng(cfg.seed)
-    data = synthesize_set(rng, train_photos, cfg.train_images, cfg.clean_fraction, "head training marks", cfg.edge_strip_frac)
+    data = synthesize_set(rng, train_photos, cfg.train_images, cfg.clean_fraction, "head training marks", cfg.edge_strip_frac, keep_images=False)
     # Seeded right here: the backbone's first build (in synthesize_set) draws from torch's global RNG for
     # its layers' initial weights, so a seed set earlier gave a different head in a process's first run.
     torch.manual_seed(cfg.seed)
@@ -336,7 +339,7 @@ def _train(cfg: HeadTrainConfig, text_score, photos: list[tuple[str, Image.Image
         losses.append(float(loss.detach()))
     head.eval()
 
-    cal = synthesize_set(rng, cal_photos, cfg.calibration_images, cfg.clean_fraction, "head calibration marks", cfg.edge_strip_frac)
+    cal = synthesize_set(rng, cal_photos, cfg.calibration_images, cfg.clean_fraction, "head calibration marks", cfg.edge_strip_frac, keep_images=True)
     with torch.no_grad():
         s, edge, lit = view_scores([head(feats.float()) for feats in cal.feats], cfg.top_k)
     text = [text_score(img) for img in tqdm(cal.images, desc="head calibration text scores", unit="img", mininterval=1.0)]
