@@ -181,7 +181,7 @@ class Cluster:
                     log.warning("cluster: %s: its worker died (%s: %s); retrying the shard once", where, type(exc).__name__, exc)
                     retried.add(i)
                     # A result or the shared data held by the dead worker is gone with it: send ``shared`` again.
-                    [shared_future] = client.scatter([shared], broadcast=True, hash=False)
+                    shared_future = _scatter_again(client, shared)
                     again = client.submit(fn, shared_future, shards[i], key=f"{desc or fn.__name__}-{run}-shard{i}-retry", pure=False)
                     futures[again] = i
                     pending.add(again)
@@ -198,6 +198,19 @@ class Cluster:
             for future in futures:
                 future.cancel()
             shared_future.cancel()
+
+
+def _scatter_again(client, shared: Any, attempts: int = 5):
+    """Broadcast ``shared`` after a worker died. The scheduler may still list the dead worker for a moment,
+    and a broadcast to it fails with a KeyError naming its address: wait for the scheduler to drop it."""
+    for attempt in range(attempts):
+        try:
+            [future] = client.scatter([shared], broadcast=True, hash=False)
+            return future
+        except (KeyError, OSError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _quiet_dask(level: int) -> None:
