@@ -228,7 +228,7 @@ def main() -> None:
         if args.folds:
             scored, counts["headed"] = score_in_folds(labels, manifest, cfg, work, args)
             head_name = f"{args.folds} grouped folds, each head trained without the photos it is scored on"
-        frame = labels.merge(scored[["path", "status", "reason", "score", "head_p", "decided_by"]], on="path", how="left")
+        frame = labels.merge(scored[["path", "status", "reason", "score", "edge_score", "head_p", "decided_by"]], on="path", how="left")
         for row in manifest.loc[manifest["status"] != "kept"].itertuples(index=False):  # e.g. a 5 % black mark on black: same JPEG bytes
             print(f"left out, ingest rejected it: {Path(row.path).name}: {row.reason}")
         frame = frame[frame["status"].notna()].reset_index(drop=True)
@@ -240,16 +240,16 @@ def main() -> None:
         print(f"scoring: text detector on {counts['detected']} images, head on {counts.get('headed', 0)}, in {seconds:.1f} s"
               + (f" = {computed / seconds:.2f} images/s" if computed else " (all memoised)") + f"; load average {load} (2 shared CPU cores)")
         print(f"watermark config: {cfg.model_dump(exclude_defaults=False)}")
-        frame["text_only"] = frame["score"] > cfg.threshold
-        report(frame, "text_only", f"text detector alone (threshold {cfg.threshold:g})")
+        frame["text_only"] = (frame["score"] > cfg.threshold) | ((frame["edge_score"] > cfg.edge_threshold) & (cfg.edge_strip_frac > 0))
+        report(frame, "text_only", f"text detector alone (threshold {cfg.threshold:g}, edge strips {cfg.edge_strip_frac:g})")
         if head_name:
             frame["headed"] = frame["status"] == "rejected"
             report(frame, "headed", f"learned head + text detector ({head_name})")
-            sweep(frame, cfg.threshold)
+            sweep(frame)
         frame.to_parquet(work / f"results-seed{args.seed}.parquet")
 
 
-def sweep(frame: pd.DataFrame, text_threshold: float) -> None:
+def sweep(frame: pd.DataFrame) -> None:
     """What other head thresholds would give, from the same scores. Picked on this evaluation set, so an
     upper bound that says how far the calibration is off, never a result."""
     stamped, clean = frame[frame["stamped"]], frame[~frame["stamped"]]
@@ -258,7 +258,7 @@ def sweep(frame: pd.DataFrame, text_threshold: float) -> None:
     clean_p = np.sort(clean["head_p"].to_numpy())
     for keep in (0.90, 0.95, 0.98):
         t = float(clean_p[min(len(clean_p) - 1, int(np.ceil(keep * len(clean_p))) - 1)])
-        hit = (frame["head_p"] > t) | (frame["score"] > text_threshold)
+        hit = (frame["head_p"] > t) | frame["text_only"]
         cells = []
         for _, select, _ in TARGETS:
             rows = stamped[select(stamped) & (stamped["opacity"] >= 0.2)]
@@ -283,7 +283,7 @@ def score_in_folds(labels, manifest, cfg, work: Path, args) -> tuple[pd.DataFram
     same code, config and folders trained it before) and decide that fold's images with it. Returns the
     pooled decisions and how many images the heads scored."""
     from stagewise.config import fingerprint
-    from stagewise.curation import marks, wmhead
+    from stagewise.curation import backbone, marks, wmhead
     from stagewise.curation.watermark import run_cascade, text_scorer
     from stagewise.io import sha256_file
 
@@ -297,7 +297,7 @@ def score_in_folds(labels, manifest, cfg, work: Path, args) -> tuple[pd.DataFram
     parts, head_seconds, headed = [], 0.0, 0
     for k, held_out in enumerate(folds):
         train_folders = sorted(g for j, fold in enumerate(folds) if j != k for g in fold)
-        code = [sha256_file(Path(module.__file__)) for module in (wmhead, marks)]  # a code change retrains
+        code = [sha256_file(Path(module.__file__)) for module in (wmhead, marks, backbone)]  # a code change retrains
         out = work / "heads" / f"fold{k}-{fingerprint('fold-head', code, head_cfg.model_dump(), train_folders)[:12]}"
         n_photos = int(clean["group"].isin(held_out).sum())
         print(f"fold {k + 1}/{len(folds)}: scores {n_photos} photos of {len(held_out)} folders; head trained on the bundled photos + {len(train_folders)} folders")

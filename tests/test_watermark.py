@@ -115,7 +115,9 @@ def test_fingerprint_covers_detector_settings_only():
     base = detector_fingerprint(WatermarkConfig(), model)
     for decision_only in ({"threshold": 0.3}, {"min_line_aspect": 4.0}, {"workers": 7}, {"threads_per_worker": 3}):
         assert detector_fingerprint(WatermarkConfig(**decision_only), model) == base
-    for detector in ({"limit_side_len": 640}, {"box_thresh": 0.6}):
+    for decision_only in ({"edge_threshold": 0.01}, {"edge_max_box_frac": 0.5}):
+        assert detector_fingerprint(WatermarkConfig(**decision_only), model) == base
+    for detector in ({"limit_side_len": 640}, {"box_thresh": 0.6}, {"edge_strip_frac": 0.2}, {"edge_side_px": 768}):
         assert detector_fingerprint(WatermarkConfig(**detector), model) != base
 
 
@@ -186,3 +188,33 @@ def test_the_detail_layer_finds_a_mark_the_plain_image_hides():
     assert score(plain, marked) == 0.0 and score(detail, marked) > detail.threshold
     assert score(plain, photo) == score(detail, photo) == 0.0
     assert detector_fingerprint(plain, bundled_model_path()) != detector_fingerprint(detail, bundled_model_path())
+
+
+def test_a_small_credit_on_the_edge_is_caught_by_the_edge_strips(tmp_path):
+    """A URL 3 % of the height tall, 50 % white, in the bottom-right corner of
+    the astronaut photo: too small a share of the image for the whole-image score (kept with the strips
+    off), found in the edge strips (rejected, decided_by "edge text"); the clean photo is kept either way.
+    Only decision params changed between the runs below, so the detector runs once per image."""
+    from stagewise.curation.stamp import Stamp, stamp
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = Image.fromarray(skimage.data.astronaut()).convert("RGB")
+    photo.save(folder / "plain.png")
+    spec = Stamp(kind="text", placement="corner", opacity=0.5, size_frac=0.03, colour="white", outline=False, font="DejaVuSans",
+                 text="www.example.com", corner="bottom-right")
+    stamp(photo, spec).save(folder / "credit.png")
+    manifest = scan(folder, tmp_path)
+    frame, detected = score_images(manifest, WatermarkConfig(), tmp_path / "store")
+    rows = {p.rsplit("/", 1)[-1]: r for p, r in zip(frame["path"], frame.to_dict("records"))}
+    assert detected == 2
+    credit, plain = rows["credit.png"], rows["plain.png"]
+    assert credit["score"] <= WatermarkConfig().threshold < credit["edge_score"]  # the whole-image score misses it
+    assert (credit["status"], credit["decided_by"]) == ("rejected", "edge text")
+    assert credit["reason"].startswith("watermark: text along the top or bottom edge, edge score 0.0")
+    assert (plain["status"], plain["edge_score"]) == ("kept", 0.0)
+    # A higher edge threshold is a decision: the memoised boxes are rescored, the detector does not run.
+    loose, detected = score_images(manifest, WatermarkConfig(edge_threshold=0.5), tmp_path / "store")
+    assert detected == 0 and set(loose["status"]) == {"kept"}
+    off, detected = score_images(manifest, WatermarkConfig(edge_strip_frac=0), tmp_path / "store2")
+    assert detected == 2 and set(off["status"]) == {"kept"} and set(off["edge_score"]) == {0.0}

@@ -12,9 +12,9 @@ whole view's cells above 0 (tiled marks light many cells: a cheap periodicity / 
 image-level term takes the top_k over all views at once.
 
 The combiner is a logistic regression on (whole score, strip score, lit share, the text detector's
-score), fitted on a separate calibration set of synthetic images drawn on photo folders the head never
-trains on, so its output is a probability; kept apart, the strips' score gets its own weight (clean
-photos' edges light more cells than their middles). ``threshold`` is the lowest probability that keeps
+whole-image and edge-strip scores), fitted on a separate calibration set of synthetic images drawn on
+photo folders the head never trains on, so its output is a probability; kept apart, the strips' score
+gets its own weight (clean photos' edges light more cells than their middles). ``threshold`` is the lowest probability that keeps
 ``calibration_keep`` of the calibration set's clean images.
 
 Files: ``head.safetensors`` (head weights) and ``head.json`` (the training config, combiner weights,
@@ -48,8 +48,10 @@ from stagewise.io import atomic_path, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 HEAD_FILE, META_FILE = "head.safetensors", "head.json"
-HEAD_VERSION = 3  # bump when the head's architecture or score definition changes (2: edge-strip views, 3: their own score)
-COMBINER_FEATURES = ("head_score", "head_edge_score", "head_lit_frac", "text_score")
+# Bump when the head's architecture or score definition changes (2: edge-strip views, 3: their own score,
+# 4: the text detector's edge score as a combiner input).
+HEAD_VERSION = 4
+COMBINER_FEATURES = ("head_score", "head_edge_score", "head_lit_frac", "text_score", "text_edge_score")
 # Photos that ship inside installed packages, used as the clean backgrounds of the training marks. Left
 # out: skimage's coins (real lettering), and everything that is not a photo (text, page, logo, synthetic).
 SKIMAGE_TRAIN_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "grass", "gravel", "hubble_deep_field",
@@ -62,7 +64,7 @@ EDGE_SCALE = 2  # the edge strips' resolution over the whole view's; training ma
 class HeadTrainConfig(Section):
     # false (the default): the stage writes only a head.json saying so (in a second) and the watermark stage
     # decides by the text detector alone. Off by default because, trained on the bundled photos alone, the
-    # head keeps only 62 % of held-out clean photos; with the user's photo_folders it kept 96.5 %
+    # head keeps only 62 % of held-out clean photos; with the user's photo_folders it kept 94-95 %
     # (benchmarks/watermark_eval.py, README). Turn it on, with photo_folders, to catch logos, small and tiled marks.
     enabled: bool = Field(False, description="train the learned head; false: the watermark stage uses the text detector alone")
     seed: int = Field(0, description="seeds the marks, the crops and the head's initialisation: same seed, same weights")
@@ -281,14 +283,14 @@ def text_feature(score: float) -> float:
     return math.log10(score + 1e-3)
 
 
-def combiner_inputs(head_score: float, head_edge_score: float, head_lit_frac: float, text_score: float) -> np.ndarray:
-    return np.array([head_score, head_edge_score, head_lit_frac, text_feature(text_score)], dtype=np.float64)
+def combiner_inputs(head_score: float, head_edge_score: float, head_lit_frac: float, text_score: float, text_edge_score: float) -> np.ndarray:
+    return np.array([head_score, head_edge_score, head_lit_frac, text_feature(text_score), text_feature(text_edge_score)], dtype=np.float64)
 
 
 def train(cfg: HeadTrainConfig, text_score, photos: list[tuple[str, Image.Image]] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train the head from ``cfg.seed`` and fit the combiner. ``text_score(img) -> float`` is the text
-    detector as the watermark stage runs it; ``photos`` are (name or path, RGB) clean backgrounds (default
-    the bundled ones). Returns (head state dict, meta). Same seed, same weights."""
+    """Train the head from ``cfg.seed`` and fit the combiner. ``text_score(img) -> (score, edge score)`` is
+    the text detector as the watermark stage runs it; ``photos`` are (name or path, RGB) clean backgrounds
+    (default the bundled ones). Returns (head state dict, meta). Same seed, same weights."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical on any machine; the backbone runs in two threads instead
@@ -343,7 +345,7 @@ def _train(cfg: HeadTrainConfig, text_score, photos: list[tuple[str, Image.Image
     with torch.no_grad():
         s, edge, lit = view_scores([head(feats.float()) for feats in cal.feats], cfg.top_k)
     text = [text_score(img) for img in tqdm(cal.images, desc="head calibration text scores", unit="img", mininterval=1.0)]
-    x = np.stack([combiner_inputs(float(a), float(e), float(b), t) for a, e, b, t in zip(s, edge, lit, text)])
+    x = np.stack([combiner_inputs(float(a), float(e), float(b), *t) for a, e, b, t in zip(s, edge, lit, text)])
     y = cal.labels.numpy().astype(np.float64)
     coef, bias = fit_logistic(x, y)
     p = 1 / (1 + np.exp(-(x @ coef + bias)))
@@ -397,9 +399,9 @@ class LoadedHead:
     def side_px(self) -> int:
         return int(self.meta["config"]["input_side_px"])
 
-    def probability(self, head_score: float, head_edge_score: float, head_lit_frac: float, text_score: float) -> float:
+    def probability(self, head_score: float, head_edge_score: float, head_lit_frac: float, text_score: float, text_edge_score: float) -> float:
         c = self.meta["combiner"]
-        z = float(combiner_inputs(head_score, head_edge_score, head_lit_frac, text_score) @ np.asarray(c["coef"])) + float(c["bias"])
+        z = float(combiner_inputs(head_score, head_edge_score, head_lit_frac, text_score, text_edge_score) @ np.asarray(c["coef"])) + float(c["bias"])
         return 1 / (1 + math.exp(-max(min(z, 60.0), -60.0)))
 
     def score_image(self, img: Image.Image) -> dict[str, float]:
