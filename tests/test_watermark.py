@@ -218,3 +218,32 @@ def test_a_small_credit_on_the_edge_is_caught_by_the_edge_strips(tmp_path):
     assert detected == 0 and set(loose["status"]) == {"kept"}
     off, detected = score_images(manifest, WatermarkConfig(edge_strip_frac=0), tmp_path / "store2")
     assert detected == 2 and set(off["status"]) == {"kept"} and set(off["edge_score"]) == {0.0}
+
+
+def test_the_int8_detector_is_quantized_once_from_a_seed_and_finds_what_float32_finds(tmp_path, monkeypatch):
+    """The default detector is the bundled one quantized here: built into the cache once (the same bytes
+    from the same seed), memoised apart from float32's boxes, and it decides a stamped line and a plain
+    crop as float32 does."""
+    from stagewise.curation.int8 import int8_model
+    from stagewise.curation.watermark import detector_model
+
+    int8, fp32 = detector_model(WatermarkConfig()), detector_model(WatermarkConfig(detector_int8=False))
+    assert fp32 == bundled_model_path() and int8 != fp32 and int8.stat().st_size < fp32.stat().st_size / 2
+    assert detector_fingerprint(WatermarkConfig(), int8) != detector_fingerprint(WatermarkConfig(), fp32)
+    monkeypatch.setenv("STAGEWISE_CACHE", str(tmp_path / "cache"))
+    fresh = int8_model(fp32)
+    assert fresh.parent.parent == tmp_path / "cache" and fresh.read_bytes() == int8.read_bytes()
+    built = fresh.stat().st_mtime_ns
+    assert int8_model(fp32) == fresh and fresh.stat().st_mtime_ns == built  # cached: not quantized again
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo_crop((20, 0, 300, 280)).save(folder / "plain.png")
+    stamp_line(photo_crop((20, 0, 300, 280)), "© STOCKPHOTO").save(folder / "stamped.png")
+    manifest = scan(folder, tmp_path)
+    verdicts = {}
+    for name, cfg in (("int8", WatermarkConfig()), ("fp32", WatermarkConfig(detector_int8=False))):
+        frame, detected = score_images(manifest, cfg, tmp_path / "store")  # one store: each model its own boxes
+        assert detected == 2
+        verdicts[name] = {p.rsplit("/", 1)[-1]: s for p, s in zip(frame["path"], frame["status"])}
+    assert verdicts["int8"] == verdicts["fp32"] == {"plain.png": "kept", "stamped.png": "rejected"}

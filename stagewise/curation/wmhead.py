@@ -64,7 +64,7 @@ EDGE_SCALE = 2  # the edge strips' resolution over the whole view's; training ma
 class HeadTrainConfig(Section):
     # false (the default): the stage writes only a head.json saying so (in a second) and the watermark stage
     # decides by the text detector alone. Off by default because, trained on the bundled photos alone, the
-    # head keeps only 62 % of held-out clean photos; with the user's photo_folders it kept 94-95 %
+    # head keeps only 62 % of held-out clean photos; with the user's photo_folders it kept 94-97 %
     # (benchmarks/watermark_eval.py, README). Turn it on, with photo_folders, to catch logos, small and tiled marks.
     enabled: bool = Field(False, description="train the learned head; false: the watermark stage uses the text detector alone")
     seed: int = Field(0, description="seeds the marks, the crops and the head's initialisation: same seed, same weights")
@@ -198,7 +198,7 @@ def folder_photos(folders: list[Path], max_pixels: int = 8192 * 8192) -> list[tu
     return photos
 
 
-def _training_crop(rng: np.random.Generator, photo: Image.Image) -> Image.Image:
+def training_crop(rng: np.random.Generator, photo: Image.Image) -> Image.Image:
     """A random 4:3 crop (40-100 % of the largest one), maybe mirrored, at EDGE_SCALE x TRAIN_SHAPE_PX (the
     marks are drawn at the strips' resolution; the whole view is shrunk from it as the stage shrinks photos)."""
     tw, th = TRAIN_SHAPE_PX[0] * EDGE_SCALE, TRAIN_SHAPE_PX[1] * EDGE_SCALE
@@ -239,7 +239,7 @@ def synthesize_set(rng: np.random.Generator, photos: list[Image.Image], n: int, 
         pending = []
         for _ in range(n):
             kind = None if rng.random() < clean_fraction else marks.random_kind(rng)
-            img, coverage = marks.synthesize(rng, _training_crop(rng, photos[rng.integers(len(photos))]), kind)
+            img, coverage = marks.synthesize(rng, training_crop(rng, photos[rng.integers(len(photos))]), kind)
             pending.append(pool.submit(features, img))
             targets.append(cell_targets(coverage, (TRAIN_SHAPE_PX[1], TRAIN_SHAPE_PX[0]), strip_frac))
             if keep_images:
