@@ -46,7 +46,7 @@ from stagewise.config import load_section, parse_section, read_params  # noqa: E
 from stagewise.curation import stamp as stamps  # noqa: E402
 from stagewise.curation.ingest import IngestConfig, ingest  # noqa: E402
 from stagewise.curation.stamp import KINDS, OPACITY_BUCKETS, PLACEMENTS, Stamp, opacity_bucket, random_stamp, stamp  # noqa: E402
-from stagewise.curation.watermark import WatermarkConfig  # noqa: E402
+from stagewise.curation.watermark import DECIDED_BY_DETECTOR, DECIDED_BY_EDGE, WatermarkConfig  # noqa: E402
 
 DREAMBOOTH = ROOT.parent / "shared" / "datasets" / "dreambooth"
 EVAL_PHOTOS = ROOT / "data" / "eval_photos"
@@ -240,7 +240,8 @@ def main() -> None:
         print(f"scoring: text detector on {counts['detected']} images, head on {counts.get('headed', 0)}, in {seconds:.1f} s"
               + (f" = {computed / seconds:.2f} images/s" if computed else " (all memoised)") + f"; load average {load} (2 shared CPU cores)")
         print(f"watermark config: {cfg.model_dump(exclude_defaults=False)}")
-        frame["text_only"] = (frame["score"] > cfg.threshold) | ((frame["edge_score"] > cfg.edge_threshold) & (cfg.edge_strip_frac > 0))
+        # The stage's own verdict, less the head's additions (the head never overturns a text rejection).
+        frame["text_only"] = (frame["status"] == "rejected") & frame["decided_by"].isin([DECIDED_BY_DETECTOR, DECIDED_BY_EDGE])
         report(frame, "text_only", f"text detector alone (threshold {cfg.threshold:g}, edge strips {cfg.edge_strip_frac:g})")
         if head_name:
             frame["headed"] = frame["status"] == "rejected"

@@ -134,8 +134,8 @@ class WatermarkConfig(Section):
     # The edge strips (see the module docstring). Measured on benchmarks/watermark_eval.py (232 held-out
     # photos, 1611 stamped copies): small edge text at >= 20 % opacity caught 0.043 -> 0.539, all text
     # 0.779 -> 0.807, clean keep 0.974 -> 0.965, at 5.0 images/s instead of 8.1 on two cores in float32 (the
-    # strips are a second detector pass of about the whole image's cost; int8: 13.2). 0.12 holds a credit 3 % of the shorter
-    # side from the edge; 0.10 caught fewer, 0.15 kept fewer clean photos. Strips are only ever shrunk to
+    # strips are a second detector pass of about the whole image's cost; int8: 13.2). 0.12 holds a credit 3 %
+    # of the shorter side from the edge; 0.10 caught fewer, 0.15 kept fewer clean photos. Strips are only ever shrunk to
     # edge_side_px: enlarging 640 px photos to 1024 caught 6 points more edge text and kept 1.3 points fewer
     # clean photos at twice the cost. 0 turns the strips off.
     edge_strip_frac: float = Field(0.12, ge=0, le=0.5, description="height share of the top and bottom strips the detector also sees; 0: none")
